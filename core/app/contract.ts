@@ -1,0 +1,258 @@
+// The one declaration of ShieldLab's API. The CLI, Electron IPC, the web server and the renderer's
+// bridge are all derived from this object: add a method here and it appears at every front door.
+import { z } from 'zod';
+import { ERROR_CODES } from '../errors.ts';
+
+/** A secret input: never taken from argv. The CLI offers --NAME-file F and --NAME-stdin instead. */
+export const secretText = () => z.string().min(1).max(64 * 1024).meta({ secret: true });
+
+export type Needs = 'nothing' | 'vault' | 'unlocked';
+
+export interface MethodSpec<A extends z.ZodObject = z.ZodObject, R extends z.ZodType = z.ZodType> {
+  summary: string;
+  /** CLI words, e.g. ['vault', 'put'], and which arguments are positional. */
+  cli: { path: readonly string[]; positional?: readonly string[] };
+  args: A;
+  result: R;
+  /** What must be true before the call: the CLI unlocks first for 'unlocked'. */
+  needs: Needs;
+  /** Emits progress events while it runs. */
+  progress?: boolean;
+}
+
+function method<A extends z.ZodObject, R extends z.ZodType>(spec: MethodSpec<A, R>): MethodSpec<A, R> {
+  return spec;
+}
+
+const name = z.string().min(1).max(200).regex(/^[^\u0000-\u001f]+$/, 'no control characters');
+const path = z.string().min(1).max(4096);
+const shareList = z.array(z.string().min(8).max(200)).min(1).max(255);
+
+export const SlotKind = z.enum(['keychain', 'passphrase', 'recovery']);
+export const RecordKind = z.enum(['secret', 'guardian-key', 'key-protector', 'recovery']);
+
+export const VaultStatus = z.object({
+  initialised: z.boolean(),
+  home: z.string(),
+  path: z.string().optional(),
+  vaultId: z.string().optional(),
+  unlocked: z.boolean(),
+  schemaVersion: z.number().optional(),
+  slots: z.array(SlotKind),
+  kdf: z.object({ algorithm: z.literal('scrypt'), N: z.number(), r: z.number(), p: z.number() }).nullable().optional(),
+  keychainStore: z.string().nullable().optional(),
+  recovery: z.object({ shares: z.number(), threshold: z.number() }).nullable().optional(),
+  records: z.number().optional(),
+  auditEntries: z.number().optional(),
+  autoLockMinutes: z.number().optional(),
+  createdAt: z.string().optional(),
+});
+export type VaultStatus = z.infer<typeof VaultStatus>;
+
+export const RecordSummary = z.object({
+  id: z.string(),
+  kind: RecordKind,
+  name: z.string(),
+  tags: z.array(z.string()),
+  notes: z.string(),
+  version: z.number(),
+  createdAt: z.string(),
+  updatedAt: z.string(),
+});
+export type RecordSummary = z.infer<typeof RecordSummary>;
+
+export const AuditEntry = z.object({
+  seq: z.number(),
+  at: z.string(),
+  action: z.string(),
+  outcome: z.enum(['ok', 'refused', 'failed']),
+  subject: z.string().optional(),
+  reason: z.string().optional(),
+});
+export type AuditEntry = z.infer<typeof AuditEntry>;
+
+export const AuditVerification = z.object({
+  ok: z.boolean(),
+  entries: z.number(),
+  anchored: z.boolean(),
+  problems: z.array(z.object({ seq: z.number(), problem: z.enum(['edited', 'missing', 'reordered', 'unreadable', 'truncated']) })),
+});
+
+const protectionArgs = {
+  passphrase: secretText().optional().describe('passphrase protecting the vault key'),
+  keychain: z.boolean().default(true).describe('keep the vault key in the OS keychain (--no-keychain to skip)'),
+  kdfMemoryMib: z
+    .number()
+    .int()
+    .min(16)
+    .max(1024)
+    .refine((v) => (v & (v - 1)) === 0, 'a power of two')
+    .default(128)
+    .describe('scrypt memory per passphrase derivation, MiB (power of two)'),
+};
+
+export const contract = {
+  'vault.status': method({
+    summary: 'Show whether a vault exists, how it is protected, and whether it is unlocked',
+    cli: { path: ['vault', 'status'] },
+    args: z.object({}),
+    result: VaultStatus,
+    needs: 'nothing',
+  }),
+  'vault.init': method({
+    summary: 'Create the vault (OS keychain by default, and/or a passphrase)',
+    cli: { path: ['vault', 'init'] },
+    args: z.object(protectionArgs),
+    result: VaultStatus,
+    needs: 'nothing',
+  }),
+  'vault.unlock': method({
+    summary: 'Unlock the vault with the OS keychain, or with the passphrase when given',
+    cli: { path: ['vault', 'unlock'] },
+    args: z.object({ passphrase: secretText().optional().describe('the vault passphrase') }),
+    result: VaultStatus,
+    needs: 'vault',
+  }),
+  'vault.lock': method({
+    summary: 'Lock the vault: keys are wiped from memory',
+    cli: { path: ['vault', 'lock'] },
+    args: z.object({}),
+    result: VaultStatus,
+    needs: 'vault',
+  }),
+  'vault.put': method({
+    summary: 'Store a secret (creates it or replaces its value)',
+    cli: { path: ['vault', 'put'], positional: ['name'] },
+    args: z.object({
+      name,
+      value: secretText().describe('the secret value'),
+      tags: z.array(z.string().min(1).max(64)).max(32).default([]).describe('tag (repeatable)'),
+      notes: z.string().max(4096).default('').describe('free-text notes'),
+    }),
+    result: z.object({ name: z.string(), version: z.number(), created: z.boolean() }),
+    needs: 'unlocked',
+  }),
+  'vault.get': method({
+    summary: 'Read a secret (audited)',
+    cli: { path: ['vault', 'get'], positional: ['name'] },
+    args: z.object({ name }),
+    result: z.object({ name: z.string(), value: z.string(), tags: z.array(z.string()), notes: z.string(), version: z.number(), updatedAt: z.string() }),
+    needs: 'unlocked',
+  }),
+  'vault.list': method({
+    summary: 'List records (names, kinds, tags — never values)',
+    cli: { path: ['vault', 'list'] },
+    args: z.object({ kind: RecordKind.optional().describe('only this kind') }),
+    result: z.object({ records: z.array(RecordSummary) }),
+    needs: 'unlocked',
+  }),
+  'vault.delete': method({
+    summary: 'Delete a secret',
+    cli: { path: ['vault', 'delete'], positional: ['name'] },
+    args: z.object({ name }),
+    result: z.object({ name: z.string(), deleted: z.literal(true) }),
+    needs: 'unlocked',
+  }),
+  'vault.audit': method({
+    summary: 'Show the audit trail; --verify checks the hash chain',
+    cli: { path: ['vault', 'audit'] },
+    args: z.object({
+      verify: z.boolean().default(false).describe('verify the hash chain and report broken entries'),
+      limit: z.number().int().min(1).max(100000).default(200).describe('newest entries to show'),
+    }),
+    result: z.object({ entries: z.array(AuditEntry), verification: AuditVerification.optional() }),
+    needs: 'unlocked',
+  }),
+  'vault.backup': method({
+    summary: 'Write an encrypted backup of the whole vault under the recovery key',
+    cli: { path: ['vault', 'backup'] },
+    args: z.object({ out: path.describe('backup file to write') }),
+    result: z.object({ file: z.string(), bytes: z.number(), records: z.number(), recoverySetId: z.string() }),
+    needs: 'unlocked',
+  }),
+  'vault.restore': method({
+    summary: 'Restore a backup into an empty home with M recovery shares',
+    cli: { path: ['vault', 'restore'], positional: ['file'] },
+    args: z.object({ file: path, share: shareList.describe('a recovery share (repeat M times)'), ...protectionArgs }),
+    result: VaultStatus,
+    needs: 'nothing',
+  }),
+  'vault.recoverySplit': method({
+    summary: 'Create a new recovery key split into N printable shares, M of which recover the vault',
+    cli: { path: ['vault', 'recovery', 'split'] },
+    args: z.object({
+      shares: z.number().int().min(2).max(255).describe('number of shares to print'),
+      threshold: z.number().int().min(2).max(255).describe('shares needed to recover'),
+    }),
+    result: z.object({ setId: z.string(), threshold: z.number(), shares: z.array(z.string()) }),
+    needs: 'unlocked',
+  }),
+  'vault.recover': method({
+    summary: 'Regain a vault whose keychain entry or passphrase is lost, with M shares; sets new protection',
+    cli: { path: ['vault', 'recover'] },
+    args: z.object({ share: shareList.describe('a recovery share (repeat M times)'), ...protectionArgs }),
+    result: VaultStatus,
+    needs: 'vault',
+  }),
+  'vault.changePassphrase': method({
+    summary: 'Set a new passphrase (adds one if the vault had only the keychain)',
+    cli: { path: ['vault', 'passphrase'] },
+    args: z.object({ newPassphrase: secretText().describe('the new passphrase'), kdfMemoryMib: protectionArgs.kdfMemoryMib }),
+    result: VaultStatus,
+    needs: 'unlocked',
+  }),
+  'vault.rotateKey': method({
+    summary: 'Replace the vault key and re-encrypt every record in one transaction',
+    cli: { path: ['vault', 'rotate-key'] },
+    args: z.object({ passphrase: secretText().optional().describe('the vault passphrase (needed when the vault has one)') }),
+    result: z.object({ records: z.number() }),
+    needs: 'unlocked',
+    progress: true,
+  }),
+  'vault.settings': method({
+    summary: 'Show or change vault settings',
+    cli: { path: ['vault', 'settings'] },
+    args: z.object({ autoLockMinutes: z.number().int().min(0).max(24 * 60).optional().describe('lock after this many idle minutes (0 = never)') }),
+    result: z.object({ autoLockMinutes: z.number() }),
+    needs: 'unlocked',
+  }),
+} as const;
+
+export type Contract = typeof contract;
+export type MethodName = keyof Contract;
+export type Args<M extends MethodName> = z.input<Contract[M]['args']>;
+export type ParsedArgs<M extends MethodName> = z.output<Contract[M]['args']>;
+export type Result<M extends MethodName> = z.output<Contract[M]['result']>;
+
+export const METHOD_NAMES = Object.keys(contract) as MethodName[];
+
+export function isMethodName(value: unknown): value is MethodName {
+  return typeof value === 'string' && Object.hasOwn(contract, value);
+}
+
+/** Events pushed to a front door while it is connected. */
+export const ProgressEvent = z.object({
+  type: z.literal('progress'),
+  callId: z.string(),
+  method: z.string(),
+  phase: z.string(),
+  done: z.number(),
+  total: z.number(),
+  unit: z.enum(['records', 'bytes']),
+});
+export const StateEvent = z.object({ type: z.literal('state'), unlocked: z.boolean(), reason: z.string().optional() });
+export const AppEvent = z.discriminatedUnion('type', [ProgressEvent, StateEvent]);
+export type AppEvent = z.infer<typeof AppEvent>;
+export type ProgressEvent = z.infer<typeof ProgressEvent>;
+
+export const SerializedError = z.object({ code: z.enum(ERROR_CODES), message: z.string(), details: z.record(z.string(), z.unknown()).optional() });
+
+/** Wire envelope used by web mode and Electron IPC alike. */
+export type CallOutcome<M extends MethodName = MethodName> = { ok: true; result: Result<M> } | { ok: false; error: z.infer<typeof SerializedError> };
+
+/** The API as a typed client sees it (bridge, tests). */
+export type ShieldLabApi = { [M in MethodName]: (args: Args<M>, opts?: { onProgress?: (e: ProgressEvent) => void }) => Promise<Result<M>> };
+
+/** Channel names for Electron IPC, derived from the method names. */
+export const IPC_PREFIX = 'shieldlab:';
+export const IPC_EVENT_CHANNEL = 'shieldlab:event';

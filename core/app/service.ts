@@ -1,0 +1,285 @@
+// The one service every front door calls. It validates arguments and results against the contract
+// (results pass through their schema, which also strips anything not declared — a guard against
+// leaking fields), runs the handler, and turns every failure into a ShieldError.
+import { statSync } from 'node:fs';
+import { homedir } from 'node:os';
+import { join } from 'node:path';
+import { randomUUID } from 'node:crypto';
+import { z } from 'zod';
+import { contract, isMethodName, type AppEvent, type MethodName, type ParsedArgs, type ProgressEvent, type Result, type VaultStatus } from './contract.ts';
+import { ShieldError, toShieldError } from '../errors.ts';
+import { OsKeychain, Vault, restoreBackup, writeBackup, type Keychain, type Protection } from '../vault/mod.ts';
+
+export interface CallContext {
+  callId?: string;
+  onProgress?: (e: ProgressEvent) => void;
+}
+
+export interface AppOptions {
+  home: string;
+  /** The OS keychain; tests pass a real one bound to their own Secret Service. */
+  keychain?: Keychain;
+  /** Where diagnostics go. Never receives secrets: only codes and messages. */
+  log?: (line: string) => void;
+}
+
+type Handler<M extends MethodName> = (args: ParsedArgs<M>, ctx: CallContext) => Promise<Result<M>>;
+
+/** The per-user app-data folder when neither --home nor $SHIELDLAB_HOME is set. */
+export function defaultHome(env: NodeJS.ProcessEnv = process.env): string {
+  if (env.SHIELDLAB_HOME) return env.SHIELDLAB_HOME;
+  switch (process.platform) {
+    case 'win32':
+      return join(env.APPDATA ?? join(homedir(), 'AppData', 'Roaming'), 'ShieldLab');
+    case 'darwin':
+      return join(homedir(), 'Library', 'Application Support', 'ShieldLab');
+    default:
+      return join(env.XDG_DATA_HOME ?? join(homedir(), '.local', 'share'), 'shieldlab');
+  }
+}
+
+function passphraseBuffer(text: string | undefined): Buffer | undefined {
+  return text === undefined ? undefined : Buffer.from(text, 'utf8');
+}
+
+export class ShieldLabApp {
+  readonly home: string;
+  private readonly keychain: Keychain;
+  private readonly log: (line: string) => void;
+  private vault: Vault | null = null;
+  private idleTimer: NodeJS.Timeout | null = null;
+  private readonly listeners = new Set<(e: AppEvent) => void>();
+
+  constructor(opts: AppOptions) {
+    this.home = opts.home;
+    this.keychain = opts.keychain ?? new OsKeychain();
+    this.log = opts.log ?? (() => undefined);
+  }
+
+  onEvent(listener: (e: AppEvent) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  private emit(e: AppEvent): void {
+    for (const l of this.listeners) l(e);
+  }
+
+  /** Validates, runs, validates the result. Throws ShieldError only. */
+  async invoke(methodName: string, rawArgs: unknown, ctx: CallContext = {}): Promise<unknown> {
+    if (!isMethodName(methodName)) throw new ShieldError('usage', `Unknown method: ${methodName}`);
+    const spec = contract[methodName];
+    const parsed = spec.args.safeParse(rawArgs ?? {});
+    if (!parsed.success) {
+      const issue = parsed.error.issues[0];
+      const where = issue?.path.length ? `${issue.path.join('.')}: ` : '';
+      throw new ShieldError('invalid_argument', `${where}${issue?.message ?? 'invalid arguments'}`);
+    }
+    try {
+      const handler = this.handlers[methodName] as Handler<MethodName>;
+      const result = await handler(parsed.data as never, { ...ctx, callId: ctx.callId ?? randomUUID() });
+      return (spec.result as z.ZodType).parse(result);
+    } catch (err) {
+      const e = toShieldError(err);
+      if (e.code === 'internal') this.log(`internal error in ${methodName}: ${(err as Error)?.stack ?? String(err)}`);
+      throw e;
+    } finally {
+      this.touch();
+    }
+  }
+
+  close(): void {
+    if (this.idleTimer) clearTimeout(this.idleTimer);
+    this.vault?.close();
+    this.vault = null;
+  }
+
+  // ---- session helpers -------------------------------------------------------------------
+
+  private openVault(): Vault {
+    this.vault ??= Vault.open(this.home);
+    return this.vault;
+  }
+
+  private unlocked(): Vault {
+    const v = this.openVault();
+    if (!v.unlocked) throw new ShieldError('locked', 'The vault is locked. Unlock it with the OS keychain or its passphrase.');
+    return v;
+  }
+
+  /** Restarts the idle timer; locking on idle wipes the keys and tells connected front doors. */
+  private touch(): void {
+    if (this.idleTimer) clearTimeout(this.idleTimer);
+    this.idleTimer = null;
+    const v = this.vault;
+    if (!v?.unlocked) return;
+    const minutes = v.status().autoLockMinutes;
+    if (minutes <= 0) return;
+    this.idleTimer = setTimeout(() => {
+      v.lock({ reason: 'idle' });
+      this.emit({ type: 'state', unlocked: false, reason: 'idle' });
+    }, minutes * 60_000);
+    this.idleTimer.unref();
+  }
+
+  private status(): VaultStatus {
+    if (!this.vault && !Vault.exists(this.home)) return { initialised: false, home: this.home, unlocked: false, slots: [] };
+    return { initialised: true, home: this.home, ...this.openVault().status() };
+  }
+
+  private protection(args: { passphrase?: string; keychain: boolean; kdfMemoryMib: number }): Protection {
+    if (!args.keychain && !args.passphrase) {
+      throw new ShieldError('invalid_argument', 'Without the OS keychain the vault needs a passphrase (--passphrase-file F).');
+    }
+    const p: Protection = { kdf: { N: args.kdfMemoryMib * 1024, r: 8, p: 1 } };
+    if (args.keychain) p.keychain = this.keychain;
+    const pass = passphraseBuffer(args.passphrase);
+    if (pass) p.passphrase = pass;
+    return p;
+  }
+
+  private progress(ctx: CallContext, method: MethodName, phase: string, unit: 'records' | 'bytes') {
+    return (done: number, total: number) => {
+      const e: ProgressEvent = { type: 'progress', callId: ctx.callId ?? '', method, phase, done, total, unit };
+      ctx.onProgress?.(e);
+      this.emit(e);
+    };
+  }
+
+  // ---- handlers: one per contract method ----------------------------------------------------
+
+  private readonly handlers: { [M in MethodName]: Handler<M> } = {
+    'vault.status': async () => this.status(),
+
+    'vault.init': async (args) => {
+      const protection = this.protection(args);
+      try {
+        this.vault = await Vault.create(this.home, protection);
+      } finally {
+        protection.passphrase?.fill(0);
+      }
+      this.emit({ type: 'state', unlocked: true });
+      return this.status();
+    },
+
+    'vault.unlock': async (args) => {
+      const v = this.openVault();
+      const pass = passphraseBuffer(args.passphrase);
+      try {
+        await v.unlock(pass ? { passphrase: pass } : { keychain: this.keychain });
+      } finally {
+        pass?.fill(0);
+      }
+      this.emit({ type: 'state', unlocked: true });
+      return this.status();
+    },
+
+    'vault.lock': async () => {
+      this.openVault().lock();
+      this.emit({ type: 'state', unlocked: false, reason: 'requested' });
+      return this.status();
+    },
+
+    'vault.put': async (args) => {
+      const value = Buffer.from(args.value, 'utf8');
+      try {
+        const r = this.unlocked().putRecord('secret', { name: args.name, data: value, tags: args.tags, notes: args.notes });
+        return { name: args.name, version: r.version, created: r.created };
+      } finally {
+        value.fill(0);
+      }
+    },
+
+    'vault.get': async (args) => {
+      const rec = this.unlocked().getRecord('secret', args.name);
+      const data = Buffer.from(rec.data, 'base64');
+      const value = data.toString('utf8');
+      data.fill(0);
+      return { name: rec.name, value, tags: rec.tags, notes: rec.notes, version: rec.version, updatedAt: rec.updatedAt };
+    },
+
+    'vault.list': async (args) => ({ records: this.unlocked().listRecords(args.kind) }),
+
+    'vault.delete': async (args) => {
+      this.unlocked().deleteRecord('secret', args.name);
+      return { name: args.name, deleted: true as const };
+    },
+
+    'vault.audit': async (args) => {
+      const v = this.unlocked();
+      const entries = v.readAudit({ limit: args.limit });
+      if (!args.verify) return { entries };
+      const verification = v.verifyAudit();
+      v.record({ action: 'audit.verify', outcome: verification.problems.length ? 'failed' : 'ok', reason: `${verification.problems.length} problem(s)` });
+      return { entries, verification: { ok: verification.problems.length === 0, ...verification } };
+    },
+
+    'vault.backup': async (args) => {
+      const v = this.unlocked();
+      const header = writeBackup(v, args.out);
+      return { file: args.out, bytes: statSync(args.out).size, records: header.records, recoverySetId: header.recoverySetId };
+    },
+
+    'vault.restore': async (args) => {
+      const protection = this.protection(args);
+      try {
+        this.vault?.close();
+        this.vault = await restoreBackup({ home: this.home, file: args.file, shares: args.share, protection });
+      } finally {
+        protection.passphrase?.fill(0);
+      }
+      this.emit({ type: 'state', unlocked: true });
+      return this.status();
+    },
+
+    'vault.recoverySplit': async (args) => {
+      if (args.threshold > args.shares) throw new ShieldError('invalid_argument', 'The threshold cannot exceed the number of shares.');
+      const r = await this.unlocked().splitRecovery(args.shares, args.threshold);
+      return { setId: r.setId, threshold: args.threshold, shares: r.shares };
+    },
+
+    'vault.recover': async (args) => {
+      const v = this.openVault();
+      const protection = this.protection(args);
+      try {
+        if (!v.unlocked) await v.unlock({ shares: args.share });
+        await v.reprotect({ ...protection, dropOthers: true }, 'vault.recover');
+      } finally {
+        protection.passphrase?.fill(0);
+      }
+      this.emit({ type: 'state', unlocked: true });
+      return this.status();
+    },
+
+    'vault.changePassphrase': async (args) => {
+      const pass = Buffer.from(args.newPassphrase, 'utf8');
+      try {
+        await this.unlocked().reprotect({ passphrase: pass, kdf: { N: args.kdfMemoryMib * 1024, r: 8, p: 1 } }, 'vault.passphrase');
+      } finally {
+        pass.fill(0);
+      }
+      return this.status();
+    },
+
+    'vault.rotateKey': async (args, ctx) => {
+      const v = this.unlocked();
+      const pass = passphraseBuffer(args.passphrase);
+      try {
+        const hasKeychain = v.status().slots.includes('keychain');
+        return await v.rotateKey({
+          ...(pass ? { passphrase: pass } : {}),
+          ...(hasKeychain ? { keychain: this.keychain } : {}),
+          onProgress: this.progress(ctx, 'vault.rotateKey', 're-encrypting records', 'records'),
+        });
+      } finally {
+        pass?.fill(0);
+      }
+    },
+
+    'vault.settings': async (args) => {
+      const v = this.unlocked();
+      if (args.autoLockMinutes !== undefined) v.setAutoLock(args.autoLockMinutes);
+      return { autoLockMinutes: v.status().autoLockMinutes };
+    },
+  };
+}

@@ -1,0 +1,256 @@
+// Web mode: the contract over HTTP (POST /api/call/<method>) and a WebSocket event stream
+// (/api/events), plus the built renderer. Loopback only; a per-launch token on every request;
+// Host and Origin checked against DNS rebinding and cross-site requests; a strict CSP.
+import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
+import { randomBytes, timingSafeEqual } from 'node:crypto';
+import { readFile, stat } from 'node:fs/promises';
+import { extname, join, normalize, sep } from 'node:path';
+import { WebSocketServer, type WebSocket } from 'ws';
+import type { ShieldLabApp } from '../app/service.ts';
+import type { CallOutcome } from '../app/contract.ts';
+import { ShieldError, toShieldError, type ErrorCode } from '../errors.ts';
+
+export interface ServerOptions {
+  app: ShieldLabApp;
+  port?: number;
+  /** Folder with the built renderer (index.html + assets). */
+  staticDir: string;
+  log?: (line: string) => void;
+}
+
+export interface RunningServer {
+  url: string;
+  port: number;
+  token: string;
+  close(): Promise<void>;
+}
+
+const COOKIE = 'shieldlab_token';
+const MAX_BODY = 1024 * 1024;
+const MIME: Record<string, string> = {
+  '.html': 'text/html; charset=utf-8',
+  '.js': 'text/javascript; charset=utf-8',
+  '.css': 'text/css; charset=utf-8',
+  '.svg': 'image/svg+xml',
+  '.png': 'image/png',
+  '.ico': 'image/x-icon',
+  '.json': 'application/json',
+  '.woff2': 'font/woff2',
+};
+
+export function httpStatusFor(code: ErrorCode): number {
+  switch (code) {
+    case 'usage':
+    case 'invalid_argument':
+    case 'share_invalid':
+    case 'shares_insufficient':
+    case 'shares_mismatch':
+    case 'backup_invalid':
+      return 400;
+    case 'unauthorized':
+    case 'wrong_passphrase':
+    case 'backup_wrong_key':
+      return 401;
+    case 'forbidden':
+      return 403;
+    case 'not_found':
+    case 'vault_not_initialised':
+      return 404;
+    case 'already_exists':
+    case 'vault_exists':
+    case 'home_not_empty':
+    case 'recovery_not_configured':
+    case 'vault_busy':
+      return 409;
+    case 'locked':
+      return 423;
+    case 'keychain_unavailable':
+    case 'keychain_entry_missing':
+      return 503;
+    default:
+      return 500;
+  }
+}
+
+function csp(port: number): string {
+  return [
+    "default-src 'none'",
+    "script-src 'self'",
+    "style-src 'self'",
+    "img-src 'self' data:",
+    "font-src 'self'",
+    `connect-src 'self' ws://127.0.0.1:${port} ws://localhost:${port}`,
+    "base-uri 'none'",
+    "form-action 'none'",
+    "frame-ancestors 'none'",
+  ].join('; ');
+}
+
+function tokenFrom(req: IncomingMessage): string | null {
+  const auth = req.headers.authorization;
+  if (auth?.startsWith('Bearer ')) return auth.slice(7);
+  for (const part of (req.headers.cookie ?? '').split(';')) {
+    const [k, ...v] = part.trim().split('=');
+    if (k === COOKIE) return v.join('=');
+  }
+  return null;
+}
+
+export async function startServer(opts: ServerOptions): Promise<RunningServer> {
+  const token = randomBytes(24).toString('base64url');
+  const tokenBuf = Buffer.from(token);
+  const log = opts.log ?? (() => undefined);
+  const validToken = (t: string | null) => t !== null && t.length === token.length && timingSafeEqual(Buffer.from(t), tokenBuf);
+  let port = 0;
+  const allowedHosts = () => new Set([`127.0.0.1:${port}`, `localhost:${port}`]);
+  const allowedOrigins = () => new Set([`http://127.0.0.1:${port}`, `http://localhost:${port}`]);
+
+  const headers = (res: ServerResponse) => {
+    res.setHeader('Content-Security-Policy', csp(port));
+    res.setHeader('X-Content-Type-Options', 'nosniff');
+    res.setHeader('Referrer-Policy', 'no-referrer');
+    res.setHeader('Cache-Control', 'no-store');
+    res.setHeader('Cross-Origin-Opener-Policy', 'same-origin');
+    res.setHeader('Cross-Origin-Resource-Policy', 'same-origin');
+    res.setHeader('X-Frame-Options', 'DENY');
+  };
+  const sendJson = (res: ServerResponse, status: number, body: unknown) => {
+    headers(res);
+    res.writeHead(status, { 'Content-Type': 'application/json; charset=utf-8' });
+    res.end(JSON.stringify(body));
+  };
+  const refuse = (res: ServerResponse, code: 'unauthorized' | 'forbidden' | 'not_found' | 'usage', message: string) =>
+    sendJson(res, httpStatusFor(code), { ok: false, error: { code, message } } satisfies CallOutcome);
+
+  /** Host + Origin + token. Returns an error to send, or null when the request may proceed. */
+  const gate = (req: IncomingMessage): { code: 'unauthorized' | 'forbidden'; message: string } | null => {
+    if (!allowedHosts().has(req.headers.host ?? '')) return { code: 'forbidden', message: 'Unexpected Host header (DNS rebinding guard).' };
+    const origin = req.headers.origin;
+    if (origin !== undefined && !allowedOrigins().has(origin)) return { code: 'forbidden', message: 'Cross-origin request refused.' };
+    if (!validToken(tokenFrom(req))) return { code: 'unauthorized', message: 'Missing or wrong session token: open the URL that `shieldlab serve` printed.' };
+    return null;
+  };
+
+  const readBody = (req: IncomingMessage) =>
+    new Promise<string>((resolve, reject) => {
+      let size = 0;
+      const chunks: Buffer[] = [];
+      req.on('data', (c: Buffer) => {
+        size += c.length;
+        if (size > MAX_BODY) {
+          reject(new ShieldError('invalid_argument', 'Request body too large.'));
+          req.destroy();
+        } else chunks.push(c);
+      });
+      req.on('end', () => resolve(Buffer.concat(chunks).toString('utf8')));
+      req.on('error', reject);
+    });
+
+  const handleCall = async (req: IncomingMessage, res: ServerResponse, method: string) => {
+    // Browsers always send Origin on POST; a bare POST without it must carry the bearer header.
+    if (req.headers.origin === undefined && !req.headers.authorization) {
+      return refuse(res, 'forbidden', 'API calls need an Origin header or a bearer token.');
+    }
+    if (!(req.headers['content-type'] ?? '').startsWith('application/json')) {
+      return refuse(res, 'usage', 'API calls take a JSON body (Content-Type: application/json).');
+    }
+    try {
+      const text = await readBody(req);
+      let args: unknown;
+      try {
+        args = text.length ? JSON.parse(text) : {};
+      } catch {
+        throw new ShieldError('invalid_argument', 'The request body is not valid JSON.');
+      }
+      const callId = typeof req.headers['x-call-id'] === 'string' ? req.headers['x-call-id'].slice(0, 64) : undefined;
+      const result = await opts.app.invoke(decodeURIComponent(method), args, callId ? { callId } : {});
+      sendJson(res, 200, { ok: true, result } as CallOutcome);
+    } catch (err) {
+      const e = toShieldError(err);
+      sendJson(res, httpStatusFor(e.code), { ok: false, error: e.toJSON() } as CallOutcome);
+    }
+  };
+
+  const serveStatic = async (res: ServerResponse, urlPath: string) => {
+    const root = normalize(opts.staticDir);
+    let file = normalize(join(root, decodeURIComponent(urlPath)));
+    if (file !== root && !file.startsWith(root + sep)) return refuse(res, 'not_found', 'Not found.');
+    try {
+      if ((await stat(file)).isDirectory()) file = join(file, 'index.html');
+    } catch {
+      file = join(root, 'index.html'); // single-page app: unknown paths get the shell
+    }
+    try {
+      const body = await readFile(file);
+      headers(res);
+      res.writeHead(200, { 'Content-Type': MIME[extname(file)] ?? 'application/octet-stream' });
+      res.end(body);
+    } catch {
+      refuse(res, 'not_found', 'The renderer is not built: run `npm run build`.');
+    }
+  };
+
+  const server = createServer((req, res) => {
+    const url = new URL(req.url ?? '/', 'http://127.0.0.1');
+    // The printed URL carries ?token=…: trade it for an HttpOnly, SameSite=Strict cookie and drop it from the address bar.
+    const queryToken = url.searchParams.get('token');
+    if (req.method === 'GET' && queryToken !== null) {
+      if (!allowedHosts().has(req.headers.host ?? '')) return refuse(res, 'forbidden', 'Unexpected Host header (DNS rebinding guard).');
+      if (!validToken(queryToken)) return refuse(res, 'unauthorized', 'Wrong session token.');
+      headers(res);
+      res.writeHead(303, { 'Set-Cookie': `${COOKIE}=${token}; HttpOnly; SameSite=Strict; Path=/`, Location: url.pathname });
+      return res.end();
+    }
+    const denied = gate(req);
+    if (denied) {
+      log(`refused ${req.method} ${url.pathname}: ${denied.code}`);
+      return refuse(res, denied.code, denied.message);
+    }
+    const call = /^\/api\/call\/([\w.%-]+)$/.exec(url.pathname);
+    if (call && req.method === 'POST') return void handleCall(req, res, call[1]!);
+    if (url.pathname.startsWith('/api/')) return refuse(res, 'not_found', 'No such API route.');
+    if (req.method !== 'GET' && req.method !== 'HEAD') return refuse(res, 'usage', 'Method not allowed.');
+    return void serveStatic(res, url.pathname);
+  });
+
+  const wss = new WebSocketServer({ noServer: true, maxPayload: 64 * 1024 });
+  const sockets = new Set<WebSocket>();
+  const unsubscribe = opts.app.onEvent((e) => {
+    const text = JSON.stringify(e);
+    for (const s of sockets) s.send(text);
+  });
+  server.on('upgrade', (req, socket, head) => {
+    const url = new URL(req.url ?? '/', 'http://127.0.0.1');
+    const denied = gate(req);
+    // WebSockets are not bound by the same-origin policy: the Origin check is mandatory here.
+    if (denied || url.pathname !== '/api/events' || req.headers.origin === undefined) {
+      log(`refused websocket ${url.pathname}: ${denied?.code ?? 'bad request'}`);
+      socket.end(`HTTP/1.1 ${denied?.code === 'unauthorized' ? '401 Unauthorized' : '403 Forbidden'}\r\nConnection: close\r\n\r\n`);
+      return;
+    }
+    wss.handleUpgrade(req, socket, head, (ws) => {
+      sockets.add(ws);
+      ws.on('close', () => sockets.delete(ws));
+      ws.on('message', () => ws.close(1003, 'events only'));
+    });
+  });
+
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', (err) => reject(toShieldError(err)));
+    server.listen(opts.port ?? 0, '127.0.0.1', () => resolve());
+  });
+  const address = server.address();
+  port = typeof address === 'object' && address ? address.port : 0;
+  return {
+    url: `http://127.0.0.1:${port}/?token=${token}`,
+    port,
+    token,
+    async close() {
+      unsubscribe();
+      for (const s of sockets) s.terminate();
+      wss.close();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+      server.closeAllConnections();
+    },
+  };
+}
