@@ -1,0 +1,69 @@
+// Human-readable output for the CLI. --json prints the contract's result as it is.
+import type { MethodName } from '../app/contract.ts';
+
+type Row = Record<string, unknown>;
+
+function table(rows: Row[], columns: [string, string][]): string {
+  if (rows.length === 0) return '(none)\n';
+  const cells = rows.map((r) => columns.map(([k]) => {
+    const v = r[k];
+    return Array.isArray(v) ? v.join(',') : v === undefined || v === null ? '' : String(v);
+  }));
+  const widths = columns.map(([, h], i) => Math.max(h.length, ...cells.map((c) => c[i]!.length)));
+  const line = (c: string[]) => c.map((x, i) => x.padEnd(widths[i]!)).join('  ').trimEnd();
+  return [line(columns.map(([, h]) => h)), ...cells.map(line)].join('\n') + '\n';
+}
+
+function keyValues(obj: Row): string {
+  return (
+    Object.entries(obj)
+      .filter(([, v]) => v !== undefined)
+      .map(([k, v]) => `${k}: ${typeof v === 'object' && v !== null ? (Array.isArray(v) ? v.join(', ') || '-' : JSON.stringify(v)) : String(v)}`)
+      .join('\n') + '\n'
+  );
+}
+
+export function formatHuman(method: MethodName, result: unknown): string {
+  const r = result as Row;
+  switch (method) {
+    case 'vault.get':
+      return `${String(r.value)}\n`;
+    case 'vault.list':
+      return table(r.records as Row[], [['name', 'NAME'], ['kind', 'KIND'], ['tags', 'TAGS'], ['version', 'VERSION'], ['updatedAt', 'UPDATED']]);
+    case 'vault.audit': {
+      let out = table([...(r.entries as Row[])].reverse(), [['seq', 'SEQ'], ['at', 'TIME'], ['action', 'ACTION'], ['subject', 'SUBJECT'], ['outcome', 'OUTCOME'], ['reason', 'REASON']]);
+      const v = r.verification as { ok: boolean; entries: number; anchored: boolean; problems: { seq: number; problem: string }[] } | undefined;
+      if (v) {
+        out += v.ok
+          ? `Audit chain intact: ${v.entries} entries${v.anchored ? ', anchored' : ''}.\n`
+          : `Audit chain BROKEN:\n${v.problems.map((p) => `  entry ${p.seq}: ${p.problem}`).join('\n')}\n`;
+      }
+      return out;
+    }
+    case 'vault.recoverySplit': {
+      const shares = r.shares as string[];
+      return [
+        `Recovery set ${String(r.setId)}: any ${String(r.threshold)} of these ${shares.length} shares recover the vault.`,
+        'Print or write each on its own sheet and keep them in different places. They are shown only now.',
+        '',
+        ...shares.map((s, i) => `  share ${i + 1}: ${s}`),
+        '',
+      ].join('\n');
+    }
+    case 'vault.delete':
+      return `Deleted ${String(r.name)}.\n`;
+    case 'vault.put':
+      return `${r.created ? 'Stored' : 'Updated'} ${String(r.name)} (version ${String(r.version)}).\n`;
+    default:
+      return keyValues(r);
+  }
+}
+
+/** A verification that found problems is a failed operation (exit 1), though the call itself worked. */
+export function exitStatusFor(method: MethodName, result: unknown): number {
+  if (method === 'vault.audit') {
+    const v = (result as { verification?: { ok: boolean } }).verification;
+    if (v && !v.ok) return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,150 @@
+// The renderer's one door to ShieldLab. Two transports behind one narrow interface: Electron IPC
+// (the preload's `window.shieldlab`) or web mode (fetch + WebSocket to the same origin). Views see
+// only `api.call(method, args)`, typed from the contract, and `api.onEvent`.
+// Type-only imports from core: nothing of core (nor zod) is bundled into the renderer.
+import type { AppEvent, Args, CallOutcome, MethodName, ProgressEvent, Result } from '../../core/app/contract.ts';
+import type { ErrorCode } from '../../core/errors.ts';
+import type { ShieldLabPreload } from './electron.d.ts';
+
+/** Codes from core, plus the two failures only a front end can see. */
+export type BridgeErrorCode = ErrorCode | 'unreachable' | 'bad_response';
+
+export class BridgeError extends Error {
+  readonly code: BridgeErrorCode;
+  readonly details: Record<string, unknown> | undefined;
+
+  constructor(code: BridgeErrorCode, message: string, details?: Record<string, unknown>) {
+    super(message);
+    this.name = 'BridgeError';
+    this.code = code;
+    this.details = details;
+  }
+}
+
+interface Transport {
+  invoke(method: MethodName, args: unknown, callId: string): Promise<CallOutcome>;
+  onEvent(listener: (event: AppEvent) => void): () => void;
+  /** Whether progress events carry our callId (web mode) or only the method name (IPC). */
+  readonly tagsCalls: boolean;
+}
+
+function ipcTransport(preload: ShieldLabPreload): Transport {
+  return {
+    invoke: (method, args) =>
+      preload.invoke(method, args).catch(() => {
+        throw new BridgeError('unreachable', 'The ShieldLab main process did not answer.');
+      }),
+    onEvent: (listener) => preload.onEvent(listener),
+    tagsCalls: false,
+  };
+}
+
+function webTransport(): Transport {
+  const listeners = new Set<(event: AppEvent) => void>();
+  let socket: WebSocket | null = null;
+  let retry: ReturnType<typeof setTimeout> | null = null;
+  let delay = 500;
+
+  const connect = () => {
+    const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    const ws = new WebSocket(`${scheme}//${location.host}/api/events`);
+    socket = ws;
+    ws.onopen = () => (delay = 500);
+    ws.onmessage = (m) => {
+      let event: AppEvent;
+      try {
+        event = JSON.parse(String(m.data)) as AppEvent;
+      } catch {
+        return;
+      }
+      for (const l of listeners) l(event);
+    };
+    ws.onclose = () => {
+      socket = null;
+      if (listeners.size === 0) return;
+      retry = setTimeout(connect, delay);
+      delay = Math.min(delay * 2, 10_000);
+    };
+  };
+
+  return {
+    tagsCalls: true,
+    async invoke(method, args, callId) {
+      let res: Response;
+      try {
+        res = await fetch(`/api/call/${encodeURIComponent(method)}`, {
+          method: 'POST',
+          credentials: 'same-origin',
+          headers: { 'Content-Type': 'application/json', 'X-Call-Id': callId },
+          body: JSON.stringify(args ?? {}),
+        });
+      } catch {
+        throw new BridgeError('unreachable', 'ShieldLab is not reachable: is `shieldlab serve` still running?');
+      }
+      if (!(res.headers.get('content-type') ?? '').startsWith('application/json')) {
+        throw new BridgeError('bad_response', `Unexpected answer from ShieldLab (HTTP ${res.status}).`);
+      }
+      return (await res.json()) as CallOutcome;
+    },
+    onEvent(listener) {
+      listeners.add(listener);
+      if (!socket && !retry) connect();
+      return () => {
+        listeners.delete(listener);
+        if (listeners.size > 0) return;
+        if (retry) clearTimeout(retry);
+        retry = null;
+        socket?.close();
+        socket = null;
+      };
+    },
+  };
+}
+
+function newCallId(): string {
+  return globalThis.crypto?.randomUUID?.() ?? `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
+}
+
+export interface CallOptions {
+  onProgress?: (event: ProgressEvent) => void;
+}
+
+export interface Client {
+  call<M extends MethodName>(method: M, args: Args<M>, opts?: CallOptions): Promise<Result<M>>;
+  onEvent(listener: (event: AppEvent) => void): () => void;
+  readonly mode: 'electron' | 'web';
+}
+
+export function createClient(transport: Transport, mode: Client['mode']): Client {
+  return {
+    mode,
+    onEvent: (listener) => transport.onEvent(listener),
+    async call(method, args, opts = {}) {
+      const callId = newCallId();
+      const { onProgress } = opts;
+      const stop = onProgress
+        ? transport.onEvent((e) => {
+            if (e.type === 'progress' && (transport.tagsCalls ? e.callId === callId : e.method === method)) onProgress(e);
+          })
+        : undefined;
+      try {
+        const outcome = await transport.invoke(method, args, callId);
+        if (outcome.ok) return outcome.result as Result<typeof method>;
+        throw new BridgeError(outcome.error.code, outcome.error.message, outcome.error.details);
+      } finally {
+        stop?.();
+      }
+    },
+  };
+}
+
+export const api: Client =
+  typeof window !== 'undefined' && window.shieldlab
+    ? createClient(ipcTransport(window.shieldlab), 'electron')
+    : createClient(webTransport(), 'web');
+
+/** A failure as words for the page: the server's own message, never a bare code. */
+export function describeError(err: unknown): string {
+  if (err instanceof BridgeError) return err.message;
+  return err instanceof Error ? err.message : String(err);
+}

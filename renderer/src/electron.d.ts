@@ -1,0 +1,14 @@
+// What Electron's preload exposes on `window` (contextBridge). Absent in web mode.
+import type { AppEvent, CallOutcome, MethodName } from '../../core/app/contract.ts';
+
+export interface ShieldLabPreload {
+  invoke(method: MethodName, args: unknown): Promise<CallOutcome>;
+  /** Subscribes to pushed events; returns the unsubscribe function. */
+  onEvent(listener: (event: AppEvent) => void): () => void;
+}
+
+declare global {
+  interface Window {
+    shieldlab?: ShieldLabPreload;
+  }
+}
