@@ -52,8 +52,8 @@ export function aeadOpen(key: Buffer, sealed: Buffer, aad: Buffer): Buffer | nul
   }
 }
 
-export function hkdf(key: Buffer, info: string, bytes = KEY_BYTES, salt: Buffer = Buffer.alloc(0)): Buffer {
-  return Buffer.from(hkdfSync('sha256', key, salt, Buffer.from(info, 'utf8'), bytes));
+export function hkdf(key: Buffer, info: string | Buffer, bytes = KEY_BYTES, salt: Buffer = Buffer.alloc(0)): Buffer {
+  return Buffer.from(hkdfSync('sha256', key, salt, typeof info === 'string' ? Buffer.from(info, 'utf8') : info, bytes));
 }
 
 export function sha256(...parts: Buffer[]): Buffer {

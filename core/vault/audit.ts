@@ -67,6 +67,12 @@ export function openAnchor(vaultKey: Buffer, vaultId: string, sealed: string | u
   return plain === null ? null : (JSON.parse(plain.toString('utf8')) as Anchor);
 }
 
+/** True while the entry the anchor names is still in the chain, unchanged. */
+export function anchorHolds(db: Db, anchor: Anchor): boolean {
+  const row = db.prepare('SELECT hash FROM audit WHERE seq = ?').get(anchor.seq) as { hash: Buffer } | undefined;
+  return row !== undefined && row.hash.toString('hex') === anchor.hash;
+}
+
 export function readAudit(db: Db, opts: { vaultId: string; privateKey: Buffer; limit?: number; afterSeq?: number }): AuditEntry[] {
   const rows = db
     .prepare('SELECT seq, at, sealed FROM audit WHERE seq > ? ORDER BY seq DESC LIMIT ?')

@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { rmSync } from 'node:fs';
 import { getMeta, openDb, SCHEMA_VERSION, setMeta, type Db } from './db.ts';
-import { appendAudit, openAnchor, readAudit, sealAnchor, verifyAudit, type AuditEntry, type AuditEvent, type AuditProblem } from './audit.ts';
+import { anchorHolds, appendAudit, openAnchor, readAudit, sealAnchor, verifyAudit, type AuditEntry, type AuditEvent, type AuditProblem } from './audit.ts';
 import { deleteSlot, listSlots, readSlot, unwrapSlot, writeSlot, type KeychainSlotParams, type RecoverySlotParams, type SlotKind } from './slots.ts';
 import { deleteRecord, getRecord, listRecords, putRecord, resealAll, type OpenedRecord, type RecordKeys, type RecordKind } from './records.ts';
 import { combineShares, recoverySetId, splitRecoveryKey } from './shares.ts';
@@ -239,8 +239,15 @@ export class Vault {
         .transaction(() => {
           const result = fn();
           const ev = typeof event === 'function' ? event(result) : event;
+          const keys = this.keys;
+          // Read the anchor before appending; advance it only while the chain still holds it, so
+          // evidence of a cut or edited tail is never overwritten by the next entry.
+          const sealed = getMeta(this.db, 'audit_anchor');
+          const current = keys ? openAnchor(keys.vaultKey, this.vaultId, sealed) : null;
           const anchor = appendAudit(this.db, { vaultId: this.vaultId, publicKey: this.auditPublicKey, event: ev });
-          if (this.keys) setMeta(this.db, 'audit_anchor', sealAnchor(this.keys.vaultKey, this.vaultId, anchor));
+          if (keys && (sealed === undefined || (current !== null && anchorHolds(this.db, current)))) {
+            setMeta(this.db, 'audit_anchor', sealAnchor(keys.vaultKey, this.vaultId, anchor));
+          }
           return result;
         })
         .immediate();
@@ -378,6 +385,8 @@ export class Vault {
         setMeta(this.db, 'audit_private_sealed', aeadSeal(newKey, next.auditPrivateKey, Buffer.from(`shieldlab/audit-key/v1|${this.vaultId}`)).toString('base64'));
         for (const k of keks) writeSlot(this.db, { vaultId: this.vaultId, kind: k.kind, kek: k.kek, vaultKey: newKey, params: k.params as KeychainSlotParams });
         // Swap keys before the audit entry so its anchor is sealed under the new key.
+        const anchor = openAnchor(keys.vaultKey, this.vaultId, getMeta(this.db, 'audit_anchor'));
+        if (anchor) setMeta(this.db, 'audit_anchor', sealAnchor(newKey, this.vaultId, anchor));
         this.keys = next;
         return n;
       }, { action: 'vault.rotate-key', outcome: 'ok' });

@@ -1,0 +1,25 @@
+// The navigation. One entry per view whose capability works today; a new capability (VMs,
+// Guardians, Host health) appears by adding its entry here.
+import type { Component } from 'svelte';
+import type { Needs } from '../../core/app/contract.ts';
+import VaultView from './views/VaultView.svelte';
+import AuditView from './views/AuditView.svelte';
+
+export interface ViewEntry {
+  /** The URL fragment: #/vault */
+  id: string;
+  label: string;
+  /** What the view needs before it can show: the shell puts Create or Unlock in its place. */
+  needs: Needs;
+  component: Component;
+}
+
+export const views: readonly [ViewEntry, ...ViewEntry[]] = [
+  { id: 'vault', label: 'Vault', needs: 'unlocked', component: VaultView },
+  { id: 'audit', label: 'Audit', needs: 'unlocked', component: AuditView },
+];
+
+export function viewFromHash(hash: string): ViewEntry {
+  const id = hash.replace(/^#\/?/, '');
+  return views.find((v) => v.id === id) ?? views[0];
+}
