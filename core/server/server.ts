@@ -154,6 +154,10 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     if (!(req.headers['content-type'] ?? '').startsWith('application/json')) {
       return refuse(res, 'usage', 'API calls take a JSON body (Content-Type: application/json).');
     }
+    if (Number(req.headers['content-length'] ?? 0) > MAX_BODY) {
+      res.setHeader('Connection', 'close');
+      return sendJson(res, 413, { ok: false, error: { code: 'invalid_argument', message: 'Request body too large.' } } satisfies CallOutcome);
+    }
     try {
       const text = await readBody(req);
       let args: unknown;

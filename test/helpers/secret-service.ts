@@ -54,8 +54,9 @@ export async function startSecretService(): Promise<SecretService> {
     env: { DBUS_SESSION_BUS_ADDRESS: address },
     address,
     secretTool(args) {
+      // secret-tool prints item attributes on stderr and secrets on stdout: keep both.
       const r = spawnSync('secret-tool', args, { env, encoding: 'utf8' });
-      return { code: r.status, stdout: r.stdout };
+      return { code: r.status, stdout: r.stdout + r.stderr };
     },
     stop() {
       gk.kill('SIGTERM');
