@@ -7,7 +7,7 @@ import { svelte } from '@sveltejs/vite-plugin-svelte';
 export default defineConfig({
   root: 'renderer',
   base: './', // relative asset URLs: works over http://127.0.0.1 and an Electron custom protocol alike
-  plugins: [svelte({ emitCss: true })],
+  plugins: [svelte({ configFile: false, emitCss: true })],
   build: {
     outDir: '../dist/renderer',
     emptyOutDir: true,

@@ -84,8 +84,14 @@ export class ShieldLabApp {
       if (e.code === 'internal') this.log(`internal error in ${methodName}: ${(err as Error)?.stack ?? String(err)}`);
       throw e;
     } finally {
-      this.touch();
+      // Reading status (a UI polling it) is not activity: it must not keep the vault open.
+      if (methodName !== 'vault.status') this.touch();
     }
+  }
+
+  /** Whether the vault is unlocked now: sent to a front door when it connects, so it never starts stale. */
+  get isUnlocked(): boolean {
+    return this.vault?.unlocked ?? false;
   }
 
   close(): void {

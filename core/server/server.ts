@@ -7,7 +7,7 @@ import { readFile, stat } from 'node:fs/promises';
 import { extname, join, normalize, sep } from 'node:path';
 import { WebSocketServer, type WebSocket } from 'ws';
 import type { ShieldLabApp } from '../app/service.ts';
-import type { CallOutcome } from '../app/contract.ts';
+import type { AppEvent, CallOutcome } from '../app/contract.ts';
 import { ShieldError, toShieldError, type ErrorCode } from '../errors.ts';
 
 export interface ServerOptions {
@@ -234,6 +234,7 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     }
     wss.handleUpgrade(req, socket, head, (ws) => {
       sockets.add(ws);
+      ws.send(JSON.stringify({ type: 'state', unlocked: opts.app.isUnlocked } satisfies AppEvent));
       ws.on('close', () => sockets.delete(ws));
       ws.on('message', () => ws.close(1003, 'events only'));
     });

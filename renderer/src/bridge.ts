@@ -24,18 +24,15 @@ export class BridgeError extends Error {
 interface Transport {
   invoke(method: MethodName, args: unknown, callId: string): Promise<CallOutcome>;
   onEvent(listener: (event: AppEvent) => void): () => void;
-  /** Whether progress events carry our callId (web mode) or only the method name (IPC). */
-  readonly tagsCalls: boolean;
 }
 
 function ipcTransport(preload: ShieldLabPreload): Transport {
   return {
-    invoke: (method, args) =>
-      preload.invoke(method, args).catch(() => {
+    invoke: (method, args, callId) =>
+      preload.invoke(method, args, { callId }).catch(() => {
         throw new BridgeError('unreachable', 'The ShieldLab main process did not answer.');
       }),
     onEvent: (listener) => preload.onEvent(listener),
-    tagsCalls: false,
   };
 }
 
@@ -46,6 +43,7 @@ function webTransport(): Transport {
   let delay = 500;
 
   const connect = () => {
+    retry = null;
     const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
     const ws = new WebSocket(`${scheme}//${location.host}/api/events`);
     socket = ws;
@@ -68,7 +66,6 @@ function webTransport(): Transport {
   };
 
   return {
-    tagsCalls: true,
     async invoke(method, args, callId) {
       let res: Response;
       try {
@@ -124,7 +121,7 @@ export function createClient(transport: Transport, mode: Client['mode']): Client
       const { onProgress } = opts;
       const stop = onProgress
         ? transport.onEvent((e) => {
-            if (e.type === 'progress' && (transport.tagsCalls ? e.callId === callId : e.method === method)) onProgress(e);
+            if (e.type === 'progress' && e.callId === callId) onProgress(e);
           })
         : undefined;
       try {

@@ -2,7 +2,8 @@
 import type { AppEvent, CallOutcome, MethodName } from '../../core/app/contract.ts';
 
 export interface ShieldLabPreload {
-  invoke(method: MethodName, args: unknown): Promise<CallOutcome>;
+  /** `callId` tags the progress events of this call (a short printable id). */
+  invoke(method: MethodName, args: unknown, opts?: { callId?: string }): Promise<CallOutcome>;
   /** Subscribes to pushed events; returns the unsubscribe function. */
   onEvent(listener: (event: AppEvent) => void): () => void;
 }

@@ -50,13 +50,13 @@ class Session {
 
   /** Follows pushed state changes; returns the unsubscribe function. */
   watch(): () => void {
-    return api.onEvent((event) => {
+    return api.onEvent(async (event) => {
       if (event.type !== 'state') return;
+      await this.refresh();
       if (!event.unlocked && event.reason === 'idle') {
         const minutes = this.status?.autoLockMinutes;
         this.notice = `Locked after idle${minutes ? ` (${minutes} min without activity)` : ''}. Unlock to continue.`;
       }
-      void this.refresh();
     });
   }
 }
@@ -79,7 +79,7 @@ export function describeProtection(status: VaultStatus): string {
   return text.charAt(0).toUpperCase() + text.slice(1);
 }
 
-export function formatTime(iso: string): string {
+export function formatTime(iso: string, precise = false): string {
   const d = new Date(iso);
-  return Number.isNaN(d.getTime()) ? iso : d.toLocaleString(undefined, { dateStyle: 'medium', timeStyle: 'short' });
+  return Number.isNaN(d.getTime()) ? iso : d.toLocaleString(undefined, { dateStyle: 'medium', timeStyle: precise ? 'medium' : 'short' });
 }

@@ -1,66 +1,11 @@
 // The renderer end to end, in web mode: the real `shieldlab serve` on a fresh home, the built
 // renderer (dist/renderer), the system Chromium. Passphrase mode only: no Secret Service needed.
-import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createInterface } from 'node:readline';
-import { fileURLToPath } from 'node:url';
-import { expect, test, type Page } from '@playwright/test';
+import { expect, test } from '@playwright/test';
+import { ROOT, serve, stop, watchForErrors, type Serving } from './serve.ts';
 
-const ROOT = fileURLToPath(new URL('../..', import.meta.url));
-const NODE = join(ROOT, 'node_modules/.bin/node');
 const PASSPHRASE = 'correct horse battery staple';
 const SECRET = { name: 'lab-db', value: 'pg-S3cret!value', tags: 'lab, db', notes: 'Postgres on the lab host' };
-
-interface Serving {
-  url: string;
-  origin: string;
-  child: ChildProcess;
-  home: string;
-  stderr: string[];
-}
-
-async function serve(): Promise<Serving> {
-  const home = await mkdtemp(join(tmpdir(), 'shieldlab-e2e-'));
-  const child = spawn(NODE, ['bin/shieldlab.js', 'serve', '--home', home, '--port', '0', '--json'], {
-    cwd: ROOT,
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  const stderr: string[] = [];
-  child.stderr!.setEncoding('utf8').on('data', (t: string) => stderr.push(t));
-  const line = await new Promise<string>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`shieldlab serve printed no URL in 20 s:\n${stderr.join('')}`)), 20_000);
-    child.once('exit', (code) => reject(new Error(`shieldlab serve exited (${code}):\n${stderr.join('')}`)));
-    createInterface({ input: child.stdout! }).once('line', (l) => {
-      clearTimeout(timer);
-      resolve(l);
-    });
-  });
-  const { url } = JSON.parse(line) as { url: string; port: number };
-  return { url, origin: new URL(url).origin, child, home, stderr };
-}
-
-async function stop(s: Serving): Promise<void> {
-  if (s.child.exitCode === null) {
-    const exited = new Promise((resolve) => s.child.once('exit', resolve));
-    s.child.kill('SIGTERM');
-    const timer = setTimeout(() => s.child.kill('SIGKILL'), 5_000);
-    await exited;
-    clearTimeout(timer);
-  }
-  await rm(s.home, { recursive: true, force: true });
-}
-
-/** Console errors (CSP violations included) and uncaught exceptions. Refusals the API answers with
- * an HTTP error status (401 for a wrong passphrase) are expected and logged by Chromium: skipped. */
-function watchForErrors(page: Page): string[] {
-  const errors: string[] = [];
-  const expected = /^Failed to load resource: the server responded with a status of 4\d\d/;
-  page.on('console', (m) => m.type() === 'error' && !expected.test(m.text()) && errors.push(m.text()));
-  page.on('pageerror', (e) => errors.push(e.message));
-  return errors;
-}
 
 let server: Serving;
 test.beforeAll(async () => {
@@ -91,6 +36,7 @@ test('create a vault, keep a secret, lock, unlock, read the audit trail', async 
     expect(csp).toContain("style-src 'self'");
     await expect(page.getByRole('heading', { name: 'Create the vault' })).toBeVisible();
     await expect(page.getByTestId('status-vault')).toHaveText('No vault');
+    await page.screenshot({ path: join(ROOT, 'test-results/e2e-create.png'), fullPage: true });
     await expect(page.getByRole('navigation', { name: 'Main' }).getByRole('link')).toHaveText(['Vault', 'Audit']);
     // The stylesheet loaded under the CSP: the side navigation has its dark background.
     await expect(page.getByRole('navigation', { name: 'Main' })).toHaveCSS('background-color', 'rgb(39, 49, 62)');
@@ -153,6 +99,7 @@ test('create a vault, keep a secret, lock, unlock, read the audit trail', async 
     await page.getByLabel('Passphrase').fill('not the passphrase');
     await page.getByRole('button', { name: 'Unlock', exact: true }).click();
     await expect(page.getByRole('alert')).toHaveText('Unlock refused: Wrong passphrase.');
+    await page.screenshot({ path: join(ROOT, 'test-results/e2e-unlock.png'), fullPage: true });
     await expect(page.getByTestId('status-vault')).toHaveText('Locked');
 
     await page.getByLabel('Passphrase').fill(PASSPHRASE);
@@ -173,6 +120,7 @@ test('create a vault, keep a secret, lock, unlock, read the audit trail', async 
   await test.step('the audit trail shows every step and its chain verifies', async () => {
     await page.getByRole('link', { name: 'Audit' }).click();
     await expect(page).toHaveURL(/#\/audit$/);
+    await expect(page.getByRole('link', { name: 'Audit' })).toHaveAttribute('aria-current', 'page');
     await expect(page.getByRole('heading', { name: 'Audit trail' })).toBeVisible();
     const rows = page.getByTestId('audit').locator('tbody tr');
     const entry = (action: string, outcome: string) => rows.filter({ hasText: action }).filter({ hasText: outcome });

@@ -132,8 +132,16 @@ describe('web mode server', () => {
     assert.equal(await refused({ origin: 'http://evil.example', cookie }), 403);
     assert.equal(await refused({ origin }), 401);
     const ws = new WebSocket(url, { headers: { origin, cookie } });
-    await new Promise((resolve) => ws.on('open', resolve));
-    const event = new Promise<unknown>((resolve) => ws.on('message', (d) => resolve(JSON.parse(d.toString()))));
+    const received: unknown[] = [];
+    let wake: () => void = () => undefined;
+    ws.on('message', (d) => (received.push(JSON.parse(d.toString())), wake()));
+    const nth = (n: number) => new Promise<unknown>((resolve) => {
+      const check = () => (received.length > n ? resolve(received[n]) : (wake = check));
+      check();
+    });
+    // A new connection first learns the current state, so it never starts stale.
+    assert.deepEqual(await nth(0), { type: 'state', unlocked: false });
+    const event = nth(1);
     const init = await http(server, {
       method: 'POST',
       path: '/api/call/vault.init',
