@@ -65,7 +65,8 @@ export function toShieldError(err: unknown): ShieldError {
   if (err instanceof ShieldError) return err;
   const e = err as { code?: unknown; message?: unknown } | null;
   const sysCode = typeof e?.code === 'string' ? e.code : '';
-  if (sysCode === 'ENOSPC' || sysCode === 'SQLITE_FULL') {
+  // SQLITE_IOERR_SHMSIZE: SQLite could not grow the -shm file, which on a full disk is the first thing to fail.
+  if (sysCode === 'ENOSPC' || sysCode === 'SQLITE_FULL' || sysCode === 'SQLITE_IOERR_SHMSIZE') {
     return new ShieldError('disk_full', 'The disk is full: nothing was written.', { cause: err });
   }
   if (sysCode === 'SQLITE_BUSY' || sysCode === 'SQLITE_LOCKED' || sysCode === 'SQLITE_BUSY_SNAPSHOT') {

@@ -9,6 +9,7 @@ import { WebSocketServer, type WebSocket } from 'ws';
 import type { ShieldLabApp } from '../app/service.ts';
 import type { AppEvent, CallOutcome } from '../app/contract.ts';
 import { ShieldError, toShieldError, type ErrorCode } from '../errors.ts';
+import { contentSecurityPolicy, MIME, securityHeaders } from './web-policy.ts';
 
 export interface ServerOptions {
   app: ShieldLabApp;
@@ -27,16 +28,6 @@ export interface RunningServer {
 
 const COOKIE = 'shieldlab_token';
 const MAX_BODY = 1024 * 1024;
-const MIME: Record<string, string> = {
-  '.html': 'text/html; charset=utf-8',
-  '.js': 'text/javascript; charset=utf-8',
-  '.css': 'text/css; charset=utf-8',
-  '.svg': 'image/svg+xml',
-  '.png': 'image/png',
-  '.ico': 'image/x-icon',
-  '.json': 'application/json',
-  '.woff2': 'font/woff2',
-};
 
 export function httpStatusFor(code: ErrorCode): number {
   switch (code) {
@@ -72,19 +63,6 @@ export function httpStatusFor(code: ErrorCode): number {
   }
 }
 
-function csp(port: number): string {
-  return [
-    "default-src 'none'",
-    "script-src 'self'",
-    "style-src 'self'",
-    "img-src 'self' data:",
-    "font-src 'self'",
-    `connect-src 'self' ws://127.0.0.1:${port} ws://localhost:${port}`,
-    "base-uri 'none'",
-    "form-action 'none'",
-    "frame-ancestors 'none'",
-  ].join('; ');
-}
 
 function tokenFrom(req: IncomingMessage): string | null {
   const auth = req.headers.authorization;
@@ -106,13 +84,8 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   const allowedOrigins = () => new Set([`http://127.0.0.1:${port}`, `http://localhost:${port}`]);
 
   const headers = (res: ServerResponse) => {
-    res.setHeader('Content-Security-Policy', csp(port));
-    res.setHeader('X-Content-Type-Options', 'nosniff');
-    res.setHeader('Referrer-Policy', 'no-referrer');
-    res.setHeader('Cache-Control', 'no-store');
-    res.setHeader('Cross-Origin-Opener-Policy', 'same-origin');
-    res.setHeader('Cross-Origin-Resource-Policy', 'same-origin');
-    res.setHeader('X-Frame-Options', 'DENY');
+    const csp = contentSecurityPolicy(`'self' ws://127.0.0.1:${port} ws://localhost:${port}`);
+    for (const [k, v] of Object.entries(securityHeaders(csp))) res.setHeader(k, v);
   };
   const sendJson = (res: ServerResponse, status: number, body: unknown) => {
     headers(res);

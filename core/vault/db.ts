@@ -1,4 +1,5 @@
 // The vault's SQLite file: pragmas and versioned schema migrations.
+import { closeSync, openSync } from 'node:fs';
 import Database from 'better-sqlite3';
 import { ShieldError, toShieldError } from '../errors.ts';
 
@@ -36,6 +37,8 @@ export const SCHEMA_VERSION = MIGRATIONS.length;
 export function openDb(path: string, options: { readonly?: boolean; create?: boolean } = {}): Db {
   let db: Db;
   try {
+    // Owner-only from the first byte; SQLite gives -wal and -shm the same mode as the database.
+    if (options.create) closeSync(openSync(path, 'wx', 0o600));
     db = new Database(path, { readonly: options.readonly ?? false, fileMustExist: !options.create });
   } catch (err) {
     throw toShieldError(err);
@@ -43,6 +46,15 @@ export function openDb(path: string, options: { readonly?: boolean; create?: boo
   try {
     // A file that is not SQLite fails here, before anything is written.
     db.pragma('busy_timeout = 5000');
+    if (!options.create) {
+      // An existing vault is never empty, and a damaged one is refused before anything writes to it
+      // (setting WAL mode or migrating would otherwise turn an empty file into a new database).
+      if ((db.pragma('page_count', { simple: true }) as number) === 0) {
+        throw new ShieldError('vault_corrupt', 'The vault database file is empty: it is damaged or not a vault.');
+      }
+      const check = db.pragma('quick_check', { simple: true });
+      if (check !== 'ok') throw new ShieldError('vault_corrupt', 'The vault database file is damaged (integrity check failed).');
+    }
     if (!options.readonly) {
       db.pragma('journal_mode = WAL');
       // FULL: a record acknowledged to the caller survives power loss and kill -9.

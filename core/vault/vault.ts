@@ -207,7 +207,14 @@ export class Vault {
     }
     const slot = readSlot<RecoverySlotParams>(this.db, 'recovery');
     if (!slot) throw new ShieldError('recovery_not_configured', 'This vault has no recovery shares configured.');
-    const { recoveryKey, setId } = await combineShares(method.shares);
+    let combined: { recoveryKey: Buffer; setId: string };
+    try {
+      combined = await combineShares(method.shares);
+    } catch (err) {
+      this.record({ action: 'vault.unlock', outcome: 'refused', subject: 'recovery', reason: toShieldError(err).code });
+      throw err;
+    }
+    const { recoveryKey, setId } = combined;
     try {
       if (setId !== slot.params.setId) {
         this.record({ action: 'vault.unlock', outcome: 'refused', subject: 'recovery', reason: 'shares_mismatch' });
@@ -222,7 +229,19 @@ export class Vault {
 
   private session(): SessionKeys {
     if (!this.keys) throw new ShieldError('locked', 'The vault is locked. Unlock it first (OS keychain or --passphrase-file F).');
+    this.assertKeyCurrent(this.keys);
     return this.keys;
+  }
+
+  /** Another process may have rotated the vault key since this session unlocked: never use a stale key. */
+  private assertKeyCurrent(keys: SessionKeys): void {
+    const sealed = getMeta(this.db, 'audit_private_sealed');
+    const check = sealed === undefined ? null : aeadOpen(keys.vaultKey, Buffer.from(sealed, 'base64'), Buffer.from(`shieldlab/audit-key/v1|${this.vaultId}`));
+    if (check === null) {
+      this.lock({ audit: false });
+      throw new ShieldError('locked', 'The vault key was changed by another process (key rotation): unlock again.');
+    }
+    wipe(check);
   }
 
   // ---- audit -----------------------------------------------------------------------------
@@ -237,6 +256,7 @@ export class Vault {
     try {
       return this.db
         .transaction(() => {
+          if (this.keys) this.assertKeyCurrent(this.keys);
           const result = fn();
           const ev = typeof event === 'function' ? event(result) : event;
           const keys = this.keys;
@@ -284,7 +304,13 @@ export class Vault {
   /** Reads a record; every read of a secret is audited. */
   getRecord(kind: RecordKind, name: string): OpenedRecord {
     const keys = this.session();
-    const rec = getRecord(this.db, keys, kind, name);
+    let rec: OpenedRecord | undefined;
+    try {
+      rec = getRecord(this.db, keys, kind, name);
+    } catch (err) {
+      this.record({ action: 'record.read', outcome: 'failed', subject: `${kind}:${name}`, reason: toShieldError(err).code });
+      throw err;
+    }
     if (!rec) {
       this.record({ action: 'record.read', outcome: 'failed', subject: `${kind}:${name}`, reason: 'not_found' });
       throw new ShieldError('not_found', `No ${kind} named "${name}" in the vault.`);

@@ -2,6 +2,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { contract, METHOD_NAMES } from '../../core/app/contract.ts';
 import { CLI, cliJson, runCli, secretFile, tempDir } from '../helpers/home.ts';
@@ -46,6 +47,9 @@ test('a full round through the CLI with --json; secrets from files, stdin and /d
   assert.equal(init.code, 0, init.stderr);
   assert.deepEqual(init.body.slots, ['passphrase']);
   assert.equal(init.body.kdf.N, 16 * 1024);
+  // Owner-only files, even inside a folder others can list.
+  assert.equal(statSync(join(home, 'vault.db')).mode & 0o777, 0o600);
+  assert.equal(statSync(home).mode & 0o777, 0o700);
   const again = await cliJson<{ error: { code: string } }>([...h, 'vault', 'init', '--no-keychain', '--passphrase-file', pp]);
   assert.equal(again.body.error.code, 'vault_exists');
 
