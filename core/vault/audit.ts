@@ -91,20 +91,24 @@ export function verifyAudit(db: Db, opts: { vaultId: string; privateKey?: Buffer
   let prev: Buffer = GENESIS;
   let entries = 0;
   const hashes = new Map<number, Buffer>();
+  let previousFlagged = false;
   for (const r of db.prepare('SELECT seq, at, sealed, prev_hash, hash FROM audit ORDER BY seq').iterate() as Iterable<Row>) {
     entries++;
     if (r.seq > expectedSeq) {
       for (let s = expectedSeq; s < r.seq; s++) problems.push({ seq: s, problem: 'missing' });
     }
     const recomputed = entryHash(r.seq, r.at, r.sealed, r.prev_hash);
+    const before = problems.length;
     if (!constantTimeEqual(recomputed, r.hash)) {
       problems.push({ seq: r.seq, problem: 'edited' });
-    } else if (!constantTimeEqual(r.prev_hash, prev) && r.seq === expectedSeq) {
+    } else if (!constantTimeEqual(r.prev_hash, prev) && r.seq === expectedSeq && !previousFlagged) {
+      // A link broken only because the previous entry was already named is not a second problem.
       problems.push({ seq: r.seq, problem: 'reordered' });
     } else if (opts.privateKey && openWithPrivateKey(opts.privateKey, r.sealed, aad(opts.vaultId, r.seq), SEAL_INFO) === null) {
       // The hash is intact but the ciphertext was moved here from another slot.
       problems.push({ seq: r.seq, problem: 'reordered' });
     }
+    previousFlagged = problems.length > before;
     hashes.set(r.seq, r.hash);
     prev = r.hash;
     expectedSeq = r.seq + 1;
