@@ -119,7 +119,7 @@ export class ShieldLabApp {
     this.idleTimer = null;
     const v = this.vault;
     if (!v?.unlocked) return;
-    const minutes = v.status().autoLockMinutes;
+    const minutes = v.autoLockMinutes();
     if (minutes <= 0) return;
     this.idleTimer = setTimeout(() => {
       v.lock({ reason: 'idle' });
@@ -285,7 +285,7 @@ export class ShieldLabApp {
     'vault.settings': async (args) => {
       const v = this.unlocked();
       if (args.autoLockMinutes !== undefined) v.setAutoLock(args.autoLockMinutes);
-      return { autoLockMinutes: v.status().autoLockMinutes };
+      return { autoLockMinutes: v.autoLockMinutes() };
     },
   };
 }

@@ -160,7 +160,7 @@ export class Vault {
       recovery: rec ? { shares: rec.shares, threshold: rec.threshold } : null,
       records: count('SELECT count(*) AS n FROM records'),
       auditEntries: count('SELECT count(*) AS n FROM audit'),
-      autoLockMinutes: Number(getMeta(this.db, 'auto_lock_minutes') ?? DEFAULT_AUTO_LOCK_MINUTES),
+      autoLockMinutes: this.autoLockMinutes(),
       createdAt: getMeta(this.db, 'created_at') ?? '',
     };
   }
@@ -334,6 +334,10 @@ export class Vault {
   }
 
   // ---- protection: passphrase, keychain, rotation ---------------------------------------------
+
+  autoLockMinutes(): number {
+    return Number(getMeta(this.db, 'auto_lock_minutes') ?? DEFAULT_AUTO_LOCK_MINUTES);
+  }
 
   setAutoLock(minutes: number): void {
     this.session();
