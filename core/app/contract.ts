@@ -29,7 +29,7 @@ const path = z.string().min(1).max(4096);
 const shareList = z.array(z.string().min(8).max(200)).min(1).max(255);
 
 export const SlotKind = z.enum(['keychain', 'passphrase', 'recovery']);
-export const RecordKind = z.enum(['secret', 'guardian-key', 'key-protector', 'recovery']);
+export const RecordKind = z.enum(['secret', 'guardian-key', 'key-protector', 'recovery', 'host-key', 'attestation']);
 
 export const VaultStatus = z.object({
   initialised: z.boolean(),

@@ -301,9 +301,13 @@ export class Vault {
     );
   }
 
-  /** Reads a record; every read of a secret is audited. */
-  getRecord(kind: RecordKind, name: string): OpenedRecord {
+  /**
+   * Reads a record. Reads are audited; a domain module whose own operation is audited (a key
+   * release, an attestation) passes `audit: false` so the trail says what happened, once.
+   */
+  getRecord(kind: RecordKind, name: string, opts: { audit?: boolean } = {}): OpenedRecord {
     const keys = this.session();
+    const audit = opts.audit !== false;
     let rec: OpenedRecord | undefined;
     try {
       rec = getRecord(this.db, keys, kind, name);
@@ -312,11 +316,16 @@ export class Vault {
       throw err;
     }
     if (!rec) {
-      this.record({ action: 'record.read', outcome: 'failed', subject: `${kind}:${name}`, reason: 'not_found' });
+      if (audit) this.record({ action: 'record.read', outcome: 'failed', subject: `${kind}:${name}`, reason: 'not_found' });
       throw new ShieldError('not_found', `No ${kind} named "${name}" in the vault.`);
     }
-    this.record({ action: 'record.read', outcome: 'ok', subject: `${kind}:${name}` });
+    if (audit) this.record({ action: 'record.read', outcome: 'ok', subject: `${kind}:${name}` });
     return rec;
+  }
+
+  /** True when a record of that kind and name exists (not audited). */
+  hasRecord(kind: RecordKind, name: string): boolean {
+    return getRecord(this.db, this.session(), kind, name) !== undefined;
   }
 
   listRecords(kind?: RecordKind): Omit<OpenedRecord, 'data'>[] {

@@ -1,0 +1,237 @@
+// The local attestation service: registers host keys, attests this host, issues and checks
+// health certificates. Its Ed25519 signing key and state live in the vault; every attestation,
+// success or refusal, is audited with its reason (HGS-style: UnauthorizedHost, Expired, …).
+import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, randomBytes, sign, verify, type KeyObject } from 'node:crypto';
+import { hostname } from 'node:os';
+import type { Vault } from '../vault/mod.ts';
+import { ShieldError } from '../errors.ts';
+import { issueHealthCertificate, keyIdOf, verifyHealthCertificate, type HealthCertificate, type HealthClaims } from './health-certificate.ts';
+import type { AttestationMode } from './modes.ts';
+
+export const DEFAULT_VALIDITY_HOURS = 8;
+
+export interface RegisteredHost {
+  name: string;
+  hostId: string;
+  publicKey: string; // SPKI DER, base64
+  registeredAt: string;
+}
+
+interface ServiceState {
+  signingKey: string; // PKCS#8 DER, base64 — secret, only ever inside the vault
+  revokedBefore?: string;
+  validityHours: number;
+  hosts: RegisteredHost[];
+  current?: string; // the newest health certificate issued to this host
+}
+
+interface HostKeyRecord {
+  privateKey: string; // PKCS#8 DER, base64
+  publicKey: string; // SPKI DER, base64
+  createdAt: string;
+}
+
+export interface HostStatus {
+  hostName: string;
+  hostId: string | null;
+  hostKeyRegistered: boolean;
+  registeredHosts: RegisteredHost[];
+  validityHours: number;
+  revokedBefore: string | null;
+  certificate: (HealthClaims & { valid: boolean; problem: string | null }) | null;
+}
+
+/** A host's identity: SHA-256 of its public key (SPKI DER), hex. */
+export function hostIdOf(publicKeySpkiDer: Buffer): string {
+  return createHash('sha256').update(publicKeySpkiDer).digest('hex');
+}
+
+export class AttestationService {
+  private readonly vault: Vault;
+  private readonly now: () => Date;
+
+  constructor(vault: Vault, opts: { now?: () => Date } = {}) {
+    this.vault = vault;
+    this.now = opts.now ?? (() => new Date());
+  }
+
+  private state(): ServiceState {
+    if (this.vault.hasRecord('attestation', 'service')) {
+      return JSON.parse(Buffer.from(this.vault.getRecord('attestation', 'service', { audit: false }).data, 'base64').toString('utf8')) as ServiceState;
+    }
+    const { privateKey } = generateKeyPairSync('ed25519');
+    const state: ServiceState = { signingKey: privateKey.export({ type: 'pkcs8', format: 'der' }).toString('base64'), validityHours: DEFAULT_VALIDITY_HOURS, hosts: [] };
+    this.save(state);
+    return state;
+  }
+
+  private save(state: ServiceState): void {
+    const data = Buffer.from(JSON.stringify(state), 'utf8');
+    this.vault.putRecord('attestation', { name: 'service', data, notes: 'attestation service state' });
+    data.fill(0);
+  }
+
+  private signingKey(state: ServiceState): KeyObject {
+    return createPrivateKey({ key: Buffer.from(state.signingKey, 'base64'), format: 'der', type: 'pkcs8' });
+  }
+
+  /** The public key that health certificates are checked against. */
+  issuerKey(): KeyObject {
+    return createPublicKey(this.signingKey(this.state()));
+  }
+
+  private hostKey(create: boolean): HostKeyRecord | null {
+    if (this.vault.hasRecord('host-key', 'this-host')) {
+      return JSON.parse(Buffer.from(this.vault.getRecord('host-key', 'this-host', { audit: false }).data, 'base64').toString('utf8')) as HostKeyRecord;
+    }
+    if (!create) return null;
+    const { publicKey, privateKey } = generateKeyPairSync('ed25519');
+    const rec: HostKeyRecord = {
+      privateKey: privateKey.export({ type: 'pkcs8', format: 'der' }).toString('base64'),
+      publicKey: publicKey.export({ type: 'spki', format: 'der' }).toString('base64'),
+      createdAt: this.now().toISOString(),
+    };
+    const data = Buffer.from(JSON.stringify(rec), 'utf8');
+    this.vault.putRecord('host-key', { name: 'this-host', data, notes: 'this host’s attestation key (host-key mode)' });
+    data.fill(0);
+    return rec;
+  }
+
+  /** This host's id, or null before it has a host key. */
+  hostId(): string | null {
+    const key = this.hostKey(false);
+    return key ? hostIdOf(Buffer.from(key.publicKey, 'base64')) : null;
+  }
+
+  /**
+   * Registers a host key with the guardian: this host's own (made on first use) or another host's
+   * public key (SPKI PEM/DER), as HGS's Add-HgsAttestationHostKey does.
+   */
+  registerHostKey(opts: { publicKey?: Buffer; name?: string } = {}): RegisteredHost {
+    let spki: Buffer;
+    if (opts.publicKey) {
+      try {
+        const text = opts.publicKey.toString('utf8');
+        const key = text.includes('-----BEGIN') ? createPublicKey(text) : createPublicKey({ key: opts.publicKey, format: 'der', type: 'spki' });
+        if (key.asymmetricKeyType !== 'ed25519' && key.asymmetricKeyType !== 'rsa' && key.asymmetricKeyType !== 'ec') throw new Error('type');
+        spki = key.export({ type: 'spki', format: 'der' });
+      } catch {
+        throw new ShieldError('invalid_argument', 'The host key file is not a public key (PEM or DER SubjectPublicKeyInfo).');
+      }
+    } else {
+      spki = Buffer.from(this.hostKey(true)!.publicKey, 'base64');
+    }
+    const state = this.state();
+    const hostId = hostIdOf(spki);
+    const existing = state.hosts.find((h) => h.hostId === hostId);
+    if (existing) return existing;
+    const host: RegisteredHost = { name: opts.name ?? (opts.publicKey ? `host-${hostId.slice(0, 8)}` : hostname()), hostId, publicKey: spki.toString('base64'), registeredAt: this.now().toISOString() };
+    state.hosts.push(host);
+    this.save(state);
+    this.vault.record({ action: 'host.register-key', outcome: 'ok', subject: `${host.name} ${hostId.slice(0, 16)}` });
+    return host;
+  }
+
+  /** This host's public key, to register it with another guardian. */
+  exportHostKey(): string {
+    const key = this.hostKey(true)!;
+    return createPublicKey({ key: Buffer.from(key.publicKey, 'base64'), format: 'der', type: 'spki' }).export({ type: 'spki', format: 'pem' }).toString();
+  }
+
+  /** Host-key mode: prove possession of a registered host key by signing a fresh nonce. */
+  attestHostKey(): HealthCertificate {
+    const mode: AttestationMode = 'host-key';
+    const fail = (reason: string, message: string): never => {
+      this.vault.record({ action: 'host.attest', outcome: 'refused', subject: mode, reason });
+      throw new ShieldError('attestation_failed', message, { details: { reason, mode } });
+    };
+    const key = this.hostKey(false);
+    if (!key) return fail('HostKeyMissing', 'This host has no host key yet: run `shieldlab host register-key` first.');
+    const state = this.state();
+    const hostId = hostIdOf(Buffer.from(key.publicKey, 'base64'));
+    const registered = state.hosts.find((h) => h.hostId === hostId);
+    if (!registered) return fail('UnauthorizedHost', 'This host’s key is not registered with the guardian (`shieldlab host register-key`).');
+    // The challenge–response keeps the host and the verifier separable (the host key may live in a TPM later).
+    const nonce = randomBytes(32);
+    const signature = sign(null, nonce, createPrivateKey({ key: Buffer.from(key.privateKey, 'base64'), format: 'der', type: 'pkcs8' }));
+    const registeredKey = createPublicKey({ key: Buffer.from(registered.publicKey, 'base64'), format: 'der', type: 'spki' });
+    if (!verify(null, nonce, registeredKey, signature)) return fail('HostKeySignature', 'The host could not prove possession of its registered key.');
+    const { encoded } = issueHealthCertificate(this.signingKey(state), {
+      hostId,
+      hostName: hostname(),
+      mode,
+      now: this.now(),
+      validityHours: state.validityHours,
+    });
+    state.current = encoded;
+    this.save(state);
+    this.vault.record({ action: 'host.attest', outcome: 'ok', subject: mode });
+    return this.verify(encoded);
+  }
+
+  /** Checks a certificate against this service's key, the revocation date and this host's id. */
+  verify(encoded: string): HealthCertificate {
+    const state = this.state();
+    return verifyHealthCertificate(encoded, {
+      issuerKey: createPublicKey(this.signingKey(state)),
+      now: this.now(),
+      revokedBefore: state.revokedBefore,
+      hostId: this.hostId() ?? '',
+    });
+  }
+
+  /** The current certificate when it is still valid, else null. */
+  currentCertificate(): HealthCertificate | null {
+    const current = this.state().current;
+    if (!current) return null;
+    try {
+      return this.verify(current);
+    } catch {
+      return null;
+    }
+  }
+
+  /** Deny every health certificate issued before `when` (HGS: DenyHealthCertificatesIssuedBefore). */
+  revokeBefore(when: Date): void {
+    const state = this.state();
+    state.revokedBefore = when.toISOString();
+    this.save(state);
+    this.vault.record({ action: 'host.revoke-certificates', outcome: 'ok', subject: `issued before ${state.revokedBefore}` });
+  }
+
+  setValidityHours(hours: number): void {
+    const state = this.state();
+    state.validityHours = hours;
+    this.save(state);
+  }
+
+  status(): HostStatus {
+    const state = this.state();
+    const hostId = this.hostId();
+    let certificate: HostStatus['certificate'] = null;
+    if (state.current) {
+      const claims = JSON.parse(Buffer.from(state.current.split('.')[1] ?? '', 'base64url').toString('utf8')) as HealthClaims;
+      let problem: string | null = null;
+      try {
+        this.verify(state.current);
+      } catch (err) {
+        problem = err instanceof ShieldError ? String(err.details?.reason ?? err.code) : 'Invalid';
+      }
+      certificate = { ...claims, valid: problem === null, problem };
+    }
+    return {
+      hostName: hostname(),
+      hostId,
+      hostKeyRegistered: hostId !== null && state.hosts.some((h) => h.hostId === hostId),
+      registeredHosts: state.hosts,
+      validityHours: state.validityHours,
+      revokedBefore: state.revokedBefore ?? null,
+      certificate,
+    };
+  }
+
+  /** Key id of the issuer (for display). */
+  issuerId(): string {
+    return keyIdOf(this.issuerKey());
+  }
+}
