@@ -19,7 +19,7 @@ import ts from 'typescript';
  * Every file under core/ must sit in a layer.
  */
 export const CORE_LAYERS: readonly { name: string; paths: readonly string[] }[] = [
-  { name: 'base', paths: ['core/errors.ts'] },
+  { name: 'base', paths: ['core/errors.ts', 'core/files.ts'] },
   { name: 'crypto', paths: ['core/crypto/'] },
   {
     name: 'domain',

@@ -78,6 +78,69 @@ export const AuditVerification = z.object({
   problems: z.array(z.object({ seq: z.number(), problem: z.enum(['edited', 'missing', 'reordered', 'unreadable', 'truncated']) })),
 });
 
+
+export const AttestationMode = z.enum(['tpm', 'host-key', 'ad-group']);
+
+export const CertificateInfo = z.object({
+  subject: z.string(),
+  thumbprint: z.string(),
+  notBefore: z.string(),
+  notAfter: z.string(),
+});
+
+export const GuardianInfo = z.object({
+  name: z.string(),
+  host: z.string(),
+  source: z.string(),
+  hasPrivateKeys: z.boolean(),
+  createdAt: z.string(),
+  backedUpAt: z.string().nullable(),
+  signing: CertificateInfo,
+  encryption: CertificateInfo,
+  warning: z.object({ level: z.enum(['expired', 'soon']), daysLeft: z.number() }).nullable(),
+});
+export type GuardianInfo = z.infer<typeof GuardianInfo>;
+
+export const KpInfo = z.object({
+  file: z.string(),
+  kpId: z.string(),
+  version: z.number(),
+  authVersion: z.number(),
+  rolledAt: z.string(),
+  owner: z.object({ name: z.string(), thumbprint: z.string(), trusted: z.boolean(), heldHere: z.boolean() }),
+  guardians: z.array(z.object({ name: z.string(), signingThumbprint: z.string(), encryptionThumbprint: z.string(), heldHere: z.boolean(), owner: z.boolean() })),
+  policy: z.object({ modes: z.array(AttestationMode), hosts: z.array(z.string()) }),
+  signedBy: z.string(),
+  lastKnownGood: z.string().nullable(),
+  summary: z.string(),
+});
+export type KpInfo = z.infer<typeof KpInfo>;
+
+export const ReleaseCheck = z.object({
+  allowed: z.boolean(),
+  kpId: z.string().nullable(),
+  guardian: z.string().nullable(),
+  mode: z.string().nullable(),
+  hostId: z.string().nullable(),
+  reasons: z.array(z.object({ code: z.string(), message: z.string() })),
+});
+
+export const RegisteredHost = z.object({ name: z.string(), hostId: z.string(), registeredAt: z.string() });
+
+export const HostStatus = z.object({
+  hostName: z.string(),
+  hostId: z.string().nullable(),
+  hostKeyRegistered: z.boolean(),
+  registeredHosts: z.array(RegisteredHost),
+  validityHours: z.number(),
+  revokedBefore: z.string().nullable(),
+  certificate: z
+    .object({ mode: AttestationMode, hostId: z.string(), hostName: z.string(), issuedAt: z.string(), expiresAt: z.string(), serial: z.string(), valid: z.boolean(), problem: z.string().nullable() })
+    .nullable(),
+});
+
+const guardianName = z.string().min(1).max(64);
+
 const protectionArgs = {
   passphrase: secretText().optional().describe('passphrase protecting the vault key'),
   keychain: z.boolean().default(true).describe('keep the vault key in the OS keychain (--no-keychain to skip)'),
@@ -214,6 +277,151 @@ export const contract = {
     cli: { path: ['vault', 'settings'] },
     args: z.object({ autoLockMinutes: z.number().int().min(0).max(24 * 60).optional().describe('lock after this many idle minutes (0 = never)') }),
     result: z.object({ autoLockMinutes: z.number() }),
+    needs: 'unlocked',
+  }),
+
+  'guardian.create': method({
+    summary: 'Create a guardian: signing and encryption key pairs in self-signed certificates (Hyper-V naming)',
+    cli: { path: ['guardian', 'create'], positional: ['name'] },
+    args: z.object({
+      name: guardianName,
+      host: z.string().min(1).max(64).optional().describe('host name in the certificate subjects (default: this machine)'),
+      validityYears: z.number().int().min(1).max(30).default(10).describe('certificate validity in years'),
+    }),
+    result: GuardianInfo,
+    needs: 'unlocked',
+  }),
+  'guardian.list': method({
+    summary: 'List guardians with expiry and backup warnings',
+    cli: { path: ['guardian', 'list'] },
+    args: z.object({}),
+    result: z.object({ guardians: z.array(GuardianInfo) }),
+    needs: 'unlocked',
+  }),
+  'guardian.show': method({
+    summary: 'Show one guardian',
+    cli: { path: ['guardian', 'show'], positional: ['name'] },
+    args: z.object({ name: guardianName }),
+    result: GuardianInfo,
+    needs: 'unlocked',
+  }),
+  'guardian.export': method({
+    summary: 'Export a guardian: --public (certificates, for another host) or --pfx (two password-protected PFX files, a backup)',
+    cli: { path: ['guardian', 'export'], positional: ['name'] },
+    args: z.object({
+      name: guardianName,
+      public: z.boolean().default(false).describe('certificates only'),
+      pfx: z.boolean().default(false).describe('full guardian as NAME-signing.pfx and NAME-encryption.pfx'),
+      out: path.optional().describe('file to write (--public)'),
+      outDir: path.optional().describe('folder to write the PFX files to (--pfx)'),
+      password: secretText().optional().describe('PFX password'),
+    }),
+    result: z.object({ name: z.string(), files: z.array(z.string()), backedUp: z.boolean() }),
+    needs: 'unlocked',
+  }),
+  'guardian.import': method({
+    summary: 'Import a guardian: a public guardian file, a folder of PFX files, or a signing PFX with --encryption-file',
+    cli: { path: ['guardian', 'import'], positional: ['file'] },
+    args: z.object({
+      file: path,
+      encryptionFile: path.optional().describe('the encryption PFX, when FILE is the signing PFX'),
+      password: secretText().optional().describe('PFX password'),
+      name: guardianName.optional().describe('name to import it under'),
+    }),
+    result: GuardianInfo,
+    needs: 'unlocked',
+  }),
+  'guardian.delete': method({
+    summary: 'Delete a guardian (refused while a key protector depends on it alone)',
+    cli: { path: ['guardian', 'delete'], positional: ['name'] },
+    args: z.object({ name: guardianName }),
+    result: z.object({ name: z.string(), deleted: z.literal(true) }),
+    needs: 'unlocked',
+  }),
+  'kp.create': method({
+    summary: 'Create a key protector owned by a guardian of this host (the owner must be backed up)',
+    cli: { path: ['kp', 'create'] },
+    args: z.object({
+      owner: guardianName.describe('owner guardian (held here, backed up)'),
+      guardian: z.array(guardianName).max(64).meta({ commaList: true }).default([]).describe('another guardian allowed to run the VM'),
+      allowMode: z.array(AttestationMode).min(1).meta({ commaList: true }).default(['tpm', 'host-key']).describe('attestation modes that may release'),
+      allowHost: z.array(z.string().regex(/^[0-9a-f]{64}$/)).max(256).meta({ commaList: true }).default([]).describe('host id allowed to release (default: any attested host)'),
+      out: path.describe('key protector file to write'),
+    }),
+    result: KpInfo,
+    needs: 'unlocked',
+  }),
+  'kp.inspect': method({
+    summary: 'Explain a key protector: owner, guardians, policy, which of them this host holds',
+    cli: { path: ['kp', 'inspect'], positional: ['file'] },
+    args: z.object({ file: path }),
+    result: KpInfo,
+    needs: 'unlocked',
+  }),
+  'kp.grant': method({
+    summary: 'Allow another guardian to run the VM (owner only; re-wraps, never re-encrypts)',
+    cli: { path: ['kp', 'grant'], positional: ['file'] },
+    args: z.object({ file: path, guardian: guardianName.describe('guardian to add') }),
+    result: KpInfo,
+    needs: 'unlocked',
+  }),
+  'kp.revoke': method({
+    summary: 'Remove a guardian (owner only); the next roll gives the others a key it never saw',
+    cli: { path: ['kp', 'revoke'], positional: ['file'] },
+    args: z.object({ file: path, guardian: guardianName.describe('guardian to remove') }),
+    result: KpInfo,
+    needs: 'unlocked',
+  }),
+  'kp.roll': method({
+    summary: 'A fresh transport key; the previous key protector is kept as last-known-good until committed',
+    cli: { path: ['kp', 'roll'], positional: ['file'] },
+    args: z.object({ file: path, commit: z.boolean().default(false).describe('drop the last-known-good copy (the new key protector is in use)') }),
+    result: KpInfo,
+    needs: 'unlocked',
+  }),
+  'kp.release': method({
+    summary: 'Check whether this host may release the key protector’s key, and why not (never prints keys)',
+    cli: { path: ['kp', 'release'], positional: ['file'] },
+    args: z.object({ file: path, check: z.boolean().default(false).describe('only check (the key itself never leaves ShieldLab)') }),
+    result: ReleaseCheck,
+    needs: 'unlocked',
+  }),
+  'host.status': method({
+    summary: 'This host: identity, registered host keys, current health certificate',
+    cli: { path: ['host', 'status'] },
+    args: z.object({}),
+    result: HostStatus,
+    needs: 'unlocked',
+  }),
+  'host.registerKey': method({
+    summary: 'Register this host’s key with the guardian (host-key attestation), or another host’s public key',
+    cli: { path: ['host', 'register-key'] },
+    args: z.object({
+      publicKeyFile: path.optional().describe('another host’s public key (PEM), from `host export-key`'),
+      name: z.string().min(1).max(64).optional().describe('name for that host'),
+    }),
+    result: RegisteredHost,
+    needs: 'unlocked',
+  }),
+  'host.exportKey': method({
+    summary: 'Write this host’s public key, to register it with another guardian',
+    cli: { path: ['host', 'export-key'] },
+    args: z.object({ out: path.describe('PEM file to write') }),
+    result: z.object({ file: z.string(), hostId: z.string() }),
+    needs: 'unlocked',
+  }),
+  'host.attest': method({
+    summary: 'Attest this host and get a health certificate (default 8 h)',
+    cli: { path: ['host', 'attest'] },
+    args: z.object({ mode: AttestationMode.default('host-key').describe('attestation mode') }),
+    result: HostStatus,
+    needs: 'unlocked',
+  }),
+  'host.revokeCertificates': method({
+    summary: 'Deny every health certificate issued before a time (default: now)',
+    cli: { path: ['host', 'revoke-certificates'] },
+    args: z.object({ before: z.iso.datetime({ offset: true }).optional().describe('ISO time; certificates issued earlier are refused') }),
+    result: HostStatus,
     needs: 'unlocked',
   }),
 } as const;

@@ -8,6 +8,8 @@ import { randomUUID } from 'node:crypto';
 import { z } from 'zod';
 import { contract, isMethodName, type AppEvent, type MethodName, type ParsedArgs, type ProgressEvent, type Result, type VaultStatus } from './contract.ts';
 import { ShieldError, toShieldError } from '../errors.ts';
+import { guardianHandlers } from './guardian-handlers.ts';
+import { GuardianStore } from '../guardian/store.ts';
 import { OsKeychain, Vault, restoreBackup, writeBackup, type Keychain, type Protection } from '../vault/mod.ts';
 
 export interface CallContext {
@@ -223,6 +225,9 @@ export class ShieldLabApp {
     'vault.backup': async (args) => {
       const v = this.unlocked();
       const header = writeBackup(v, args.out);
+      // The backup holds every guardian's private keys: they are now backed up.
+      const guardians = new GuardianStore(v);
+      guardians.markBackedUp(guardians.list().filter((g) => g.hasPrivateKeys).map((g) => g.name));
       return { file: args.out, bytes: statSync(args.out).size, records: header.records, recoverySetId: header.recoverySetId };
     },
 
@@ -281,6 +286,8 @@ export class ShieldLabApp {
         pass?.fill(0);
       }
     },
+
+    ...guardianHandlers(() => this.unlocked()),
 
     'vault.settings': async (args) => {
       const v = this.unlocked();

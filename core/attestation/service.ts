@@ -5,7 +5,7 @@ import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, ran
 import { hostname } from 'node:os';
 import type { Vault } from '../vault/mod.ts';
 import { ShieldError } from '../errors.ts';
-import { issueHealthCertificate, keyIdOf, verifyHealthCertificate, type HealthCertificate, type HealthClaims } from './health-certificate.ts';
+import { issueHealthCertificate, verifyHealthCertificate, type HealthCertificate, type HealthClaims } from './health-certificate.ts';
 import type { AttestationMode } from './modes.ts';
 
 export const DEFAULT_VALIDITY_HOURS = 8;
@@ -73,11 +73,6 @@ export class AttestationService {
 
   private signingKey(state: ServiceState): KeyObject {
     return createPrivateKey({ key: Buffer.from(state.signingKey, 'base64'), format: 'der', type: 'pkcs8' });
-  }
-
-  /** The public key that health certificates are checked against. */
-  issuerKey(): KeyObject {
-    return createPublicKey(this.signingKey(this.state()));
   }
 
   private hostKey(create: boolean): HostKeyRecord | null {
@@ -180,15 +175,9 @@ export class AttestationService {
     });
   }
 
-  /** The current certificate when it is still valid, else null. */
-  currentCertificate(): HealthCertificate | null {
-    const current = this.state().current;
-    if (!current) return null;
-    try {
-      return this.verify(current);
-    } catch {
-      return null;
-    }
+  /** The newest certificate issued to this host, as stored (it may have expired or been revoked). */
+  currentEncoded(): string | null {
+    return this.state().current ?? null;
   }
 
   /** Deny every health certificate issued before `when` (HGS: DenyHealthCertificatesIssuedBefore). */
@@ -197,12 +186,6 @@ export class AttestationService {
     state.revokedBefore = when.toISOString();
     this.save(state);
     this.vault.record({ action: 'host.revoke-certificates', outcome: 'ok', subject: `issued before ${state.revokedBefore}` });
-  }
-
-  setValidityHours(hours: number): void {
-    const state = this.state();
-    state.validityHours = hours;
-    this.save(state);
   }
 
   status(): HostStatus {
@@ -228,10 +211,5 @@ export class AttestationService {
       revokedBefore: state.revokedBefore ?? null,
       certificate,
     };
-  }
-
-  /** Key id of the issuer (for display). */
-  issuerId(): string {
-    return keyIdOf(this.issuerKey());
   }
 }

@@ -10,6 +10,8 @@ export interface FieldInfo {
   kind: FieldKind;
   required: boolean;
   secret: boolean;
+  /** string[] whose values may be given as comma lists */
+  commaList: boolean;
   description: string;
   defaultValue: unknown;
   options?: readonly string[];
@@ -24,11 +26,13 @@ export function describeField(key: string, schema: z.ZodType): FieldInfo {
   let s: z.ZodType = schema;
   let required = true;
   let secret = false;
+  let commaList = false;
   let description = '';
   let defaultValue: unknown;
   for (;;) {
-    const meta = z.globalRegistry.get(s) as { secret?: boolean; description?: string } | undefined;
+    const meta = z.globalRegistry.get(s) as { secret?: boolean; commaList?: boolean; description?: string } | undefined;
     if (meta?.secret) secret = true;
+    if (meta?.commaList) commaList = true;
     if (!description && meta?.description) description = meta.description;
     const def = (s as unknown as { def: { type: string; innerType?: z.ZodType; defaultValue?: unknown } }).def;
     if (def.type === 'optional') {
@@ -51,7 +55,7 @@ export function describeField(key: string, schema: z.ZodType): FieldInfo {
     options = (s as unknown as { options: string[] }).options;
   } else if (type === 'array') kind = 'string[]';
   else throw new Error(`contract field ${key}: type ${type} has no CLI form`);
-  return { key, flag: kebab(key), kind, required, secret, description, defaultValue, ...(options ? { options } : {}) };
+  return { key, flag: kebab(key), kind, required, secret, commaList, description, defaultValue, ...(options ? { options } : {}) };
 }
 
 export function fieldsOf(args: z.ZodObject): FieldInfo[] {
@@ -64,7 +68,7 @@ export function flagUsage(f: FieldInfo, positional: boolean): string {
   let form: string;
   if (f.secret) form = `--${f.flag}-file F | --${f.flag}-stdin`;
   else if (f.kind === 'boolean') form = f.defaultValue === true ? `--no-${f.flag}` : `--${f.flag}`;
-  else if (f.kind === 'string[]') form = `--${f.flag} V (repeatable)`;
+  else if (f.kind === 'string[]') form = f.commaList ? `--${f.flag} V[,V…] (repeatable)` : `--${f.flag} V (repeatable)`;
   else if (f.kind === 'enum') form = `--${f.flag} ${f.options?.join('|')}`;
   else form = `--${f.flag} ${f.kind === 'number' ? 'N' : 'V'}`;
   const dflt = f.defaultValue !== undefined && f.kind !== 'boolean' && !(Array.isArray(f.defaultValue) && f.defaultValue.length === 0) && f.defaultValue !== ''

@@ -50,6 +50,41 @@ export function formatHuman(method: MethodName, result: unknown): string {
         '',
       ].join('\n');
     }
+    case 'guardian.list':
+      return table(
+        (r.guardians as Row[]).map((g) => ({
+          ...g,
+          keys: g.hasPrivateKeys ? 'private' : 'public',
+          thumbprint: (g.signing as Row).thumbprint,
+          expires: String((g.signing as Row).notAfter).slice(0, 10),
+          backup: g.hasPrivateKeys ? (g.backedUpAt ? 'yes' : 'NOT BACKED UP') : '-',
+          warn: g.warning ? `${(g.warning as Row).level} (${String((g.warning as Row).daysLeft)} d)` : '',
+        })),
+        [['name', 'NAME'], ['host', 'HOST'], ['keys', 'KEYS'], ['thumbprint', 'SIGNING THUMBPRINT'], ['expires', 'EXPIRES'], ['backup', 'BACKED UP'], ['warn', 'WARNING']],
+      );
+    case 'kp.create':
+    case 'kp.inspect':
+    case 'kp.grant':
+    case 'kp.revoke':
+    case 'kp.roll': {
+      const policy = r.policy as { modes: string[]; hosts: string[] };
+      return [
+        `Key protector ${String(r.kpId)} (${String(r.file)}), version ${String(r.version)}, signed by ${String(r.signedBy)}`,
+        String(r.summary),
+        '',
+        table((r.guardians as Row[]).map((g) => ({ ...g, role: g.owner ? 'owner' : 'guardian', here: g.heldHere ? 'yes' : '' })), [['name', 'GUARDIAN'], ['role', 'ROLE'], ['here', 'HELD HERE'], ['signingThumbprint', 'SIGNING THUMBPRINT']]).trimEnd(),
+        '',
+        `Allowed attestation: ${policy.modes.join(', ')}; hosts: ${policy.hosts.length ? policy.hosts.join(', ') : 'any attested host'}`,
+        ...(r.lastKnownGood ? [`Last-known-good copy: ${String(r.lastKnownGood)} (commit with \`kp roll --commit\`)`] : []),
+        '',
+      ].join('\n');
+    }
+    case 'kp.release': {
+      const reasons = r.reasons as { code: string; message: string }[];
+      return r.allowed
+        ? `This host may release the key: guardian ${String(r.guardian)}, ${String(r.mode)} attestation.\n`
+        : `This host may NOT release the key:\n${reasons.map((x) => `  [${x.code}] ${x.message}`).join('\n')}\n`;
+    }
     case 'vault.delete':
       return `Deleted ${String(r.name)}.\n`;
     case 'vault.put':
@@ -61,6 +96,7 @@ export function formatHuman(method: MethodName, result: unknown): string {
 
 /** A verification that found problems is a failed operation (exit 1), though the call itself worked. */
 export function exitStatusFor(method: MethodName, result: unknown): number {
+  if (method === 'kp.release' && !(result as { allowed: boolean }).allowed) return 1;
   if (method === 'vault.audit') {
     const v = (result as { verification?: { ok: boolean } }).verification;
     if (v && !v.ok) return 1;

@@ -130,7 +130,8 @@ function buildArgs(method: MethodName, rest: string[], flags: Map<string, string
       const v = flags.get(f.flag);
       if (v) {
         used.add(f.flag);
-        args[f.key] = v;
+        // Repeatable; where the contract says so, each value may also be a comma list (--allow-mode tpm,host-key).
+        args[f.key] = f.commaList ? v.flatMap((x) => x.split(',')).map((x) => x.trim()).filter((x) => x.length > 0) : v;
       }
       continue;
     }

@@ -37,12 +37,24 @@ export function httpStatusFor(code: ErrorCode): number {
     case 'shares_insufficient':
     case 'shares_mismatch':
     case 'backup_invalid':
+    case 'kp_invalid':
+    case 'pfx_invalid':
+    case 'guardian_invalid':
       return 400;
     case 'unauthorized':
     case 'wrong_passphrase':
+    case 'wrong_password':
     case 'backup_wrong_key':
       return 401;
     case 'forbidden':
+    case 'kp_signature_invalid':
+    case 'kp_untrusted_owner':
+    case 'kp_not_owner':
+    case 'kp_unwrap_denied':
+    case 'release_denied':
+    case 'health_certificate_invalid':
+    case 'attestation_failed':
+    case 'host_not_registered':
       return 403;
     case 'not_found':
     case 'vault_not_initialised':
@@ -52,6 +64,9 @@ export function httpStatusFor(code: ErrorCode): number {
     case 'home_not_empty':
     case 'recovery_not_configured':
     case 'vault_busy':
+    case 'guardian_in_use':
+    case 'guardian_not_backed_up':
+    case 'guardian_no_private_key':
       return 409;
     case 'locked':
       return 423;

@@ -2,7 +2,8 @@
 //   "SLBACKUP" ‖ u16 format ‖ u32 header length ‖ header JSON ‖ sealed(vault key ‖ database image)
 // The header is authenticated as AAD, so any altered or truncated byte fails the whole file.
 import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, writeSync } from 'node:fs';
-import { dirname, join } from 'node:path';
+import { join } from 'node:path';
+import { writeFileAtomic } from '../files.ts';
 import { aeadOpen, aeadSeal, hkdf, KEY_BYTES, wipe } from '../crypto/mod.ts';
 import { ShieldError, toShieldError } from '../errors.ts';
 import { combineShares } from './shares.ts';
@@ -25,7 +26,7 @@ function backupKey(recoveryKey: Buffer): Buffer {
   return hkdf(recoveryKey, 'shieldlab/backup/v1');
 }
 
-/** Writes atomically: a temp file, fsync, rename — an interrupted backup leaves no half file. */
+/** Written atomically: an interrupted backup leaves no half file. */
 export function writeBackup(vault: Vault, out: string): BackupHeader {
   const { key: recoveryKey, setId } = vault.recoveryKey();
   const { image, vaultKey } = vault.snapshot();
@@ -46,22 +47,7 @@ export function writeBackup(vault: Vault, out: string): BackupHeader {
   const payload = Buffer.concat([vaultKey, image]);
   const sealed = aeadSeal(key, payload, aad);
   wipe(payload, vaultKey, key, recoveryKey);
-  mkdirSync(dirname(out), { recursive: true });
-  const tmp = `${out}.partial`;
-  try {
-    const fd = openSync(tmp, 'w', 0o600);
-    try {
-      writeSync(fd, aad);
-      writeSync(fd, sealed);
-      fsyncSync(fd);
-    } finally {
-      closeSync(fd);
-    }
-    renameSync(tmp, out);
-  } catch (err) {
-    rmSync(tmp, { force: true });
-    throw toShieldError(err);
-  }
+  writeFileAtomic(out, [aad, sealed]);
   vault.record({ action: 'vault.backup', outcome: 'ok', subject: out });
   return header;
 }

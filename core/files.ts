@@ -1,0 +1,22 @@
+// Writing files so that a crash never leaves a half-written one: temp file, fsync, rename.
+import { closeSync, fsyncSync, mkdirSync, openSync, renameSync, rmSync, writeSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { toShieldError } from './errors.ts';
+
+export function writeFileAtomic(path: string, parts: Buffer | readonly Buffer[], mode = 0o600): void {
+  mkdirSync(dirname(path), { recursive: true });
+  const tmp = `${path}.partial`;
+  try {
+    const fd = openSync(tmp, 'w', mode);
+    try {
+      for (const p of Buffer.isBuffer(parts) ? [parts] : parts) writeSync(fd, p);
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    renameSync(tmp, path);
+  } catch (err) {
+    rmSync(tmp, { force: true });
+    throw toShieldError(err);
+  }
+}
