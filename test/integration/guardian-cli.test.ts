@@ -99,6 +99,16 @@ test('guardians, key protectors and release across two hosts', async (t) => {
   await check(true);
 
   await fails([...A, 'guardian', 'delete', 'Owner'], 'guardian_in_use');
+
+  // A vault backup holds every guardian's private keys, so it counts as their backup.
+  await ok([...A, 'guardian', 'create', 'Second']);
+  await ok([...A, 'vault', 'recovery', 'split', '--shares', '2', '--threshold', '2']);
+  await ok([...A, 'vault', 'backup', '--out', join(dir, 'a.backup')]);
+  const listed = await ok([...A, 'guardian', 'list']);
+  const second = listed.guardians.find((g: Json) => g.name === 'Second');
+  assert.notEqual(second.backedUpAt, null);
+  assert.equal(listed.guardians.find((g: Json) => g.name === 'HostB').backedUpAt, null, 'a public-only guardian has nothing to back up');
+  await ok([...A, 'guardian', 'delete', 'Second']);
   await fails([...B, 'host', 'attest', '--mode', 'tpm'], 'attestation_failed');
   const noKeys = await cliJson<Json>([...B, 'kp', 'release', kp]);
   assert.equal(noKeys.code, 2);
