@@ -20,6 +20,7 @@ import {
 } from './guardian.ts';
 import { exportGuardianPfx, importGuardianPfx, type GuardianPfx, type Password } from './pfx.ts';
 import { exportPublicGuardian, parsePublicGuardian } from './public-file.ts';
+import type { GuardianPrivateKeys } from './key-protector.ts';
 
 const KIND = 'guardian-key';
 
@@ -53,10 +54,7 @@ export interface GuardianInfo {
   warning: ExpiryWarning | null;
 }
 
-export interface GuardianPrivateKeys {
-  signingKey: KeyObject;
-  encryptionKey: KeyObject;
-}
+export type { GuardianPrivateKeys };
 
 export interface GuardianStoreOptions {
   /** host name for new guardians' subjects; default: this machine's short host name */
