@@ -45,6 +45,11 @@ function guardianInfo(g: ReturnType<GuardianStore['get']>): GuardianInfo {
   return { ...g, backedUpAt: g.backedUpAt ?? null, warning: g.warning ?? null };
 }
 
+/** "a", "a and b", "a, b and c". */
+function listInWords(items: readonly string[], last = 'and'): string {
+  return items.length <= 1 ? (items[0] ?? '') : `${items.slice(0, -1).join(', ')} ${last} ${items.at(-1)}`;
+}
+
 function describeKp(kp: KeyProtector, file: string, store: GuardianStore): KpInfo {
   const known = store.list();
   const heldHere = new Set(known.filter((g) => g.hasPrivateKeys).map((g) => g.encryption.thumbprint));
@@ -61,7 +66,7 @@ function describeKp(kp: KeyProtector, file: string, store: GuardianStore): KpInf
   const mine = guardians.filter((g) => g.heldHere).map((g) => g.name);
   const summary = [
     `Owned by ${kp.owner.name}${trusted ? '' : ' (not a guardian known here)'}.`,
-    `${guardians.length === 1 ? 'Only the owner' : `${guardians.map((g) => g.name).join(', ')}`} may run this VM, after ${a.policy.modes.join(' or ')} attestation${a.policy.hosts.length ? ` on ${a.policy.hosts.length} listed host(s)` : ''}.`,
+    `${guardians.length === 1 ? 'Only the owner' : listInWords(guardians.map((g) => g.name))} may run this VM, after ${listInWords(a.policy.modes, 'or')} attestation${a.policy.hosts.length ? ` on ${a.policy.hosts.length} listed host(s)` : ''}.`,
     mine.length ? `This host holds ${mine.join(', ')}.` : 'This host holds none of its guardians: it cannot release the key.',
   ].join(' ');
   return {

@@ -173,7 +173,7 @@ export class GuardianStore {
     const keys: GuardianKeys = { signingKeyPem: r.signingKeyPem, encryptionKeyPem: r.encryptionKeyPem };
     const pfx = exportGuardianPfx({ certs: r, keys }, password);
     this.vault.record({ action: 'guardian.export', outcome: 'ok', subject: `${KIND}:${name}`, reason: 'pfx with private keys' });
-    this.put({ ...r, backedUpAt: this.now().toISOString() });
+    // Not yet a backup: the caller marks it with markBackedUp once both files are safely written.
     return pfx;
   }
 

@@ -4,6 +4,8 @@ import type { Component } from 'svelte';
 import type { Needs } from '../../core/app/contract.ts';
 import VaultView from './views/VaultView.svelte';
 import AuditView from './views/AuditView.svelte';
+import GuardiansView from './views/GuardiansView.svelte';
+import KeyProtectorsView from './views/KeyProtectorsView.svelte';
 
 export interface ViewEntry {
   /** The URL fragment: #/vault */
@@ -16,6 +18,8 @@ export interface ViewEntry {
 
 export const views: readonly [ViewEntry, ...ViewEntry[]] = [
   { id: 'vault', label: 'Vault', needs: 'unlocked', component: VaultView },
+  { id: 'guardians', label: 'Guardians', needs: 'unlocked', component: GuardiansView },
+  { id: 'key-protectors', label: 'Key protectors', needs: 'unlocked', component: KeyProtectorsView },
   { id: 'audit', label: 'Audit', needs: 'unlocked', component: AuditView },
 ];
 

@@ -36,6 +36,10 @@ test('guardians, key protectors and release across two hosts', async (t) => {
 
   // A lost owner strands every VM: no key protector before the owner is backed up.
   await fails([...A, 'kp', 'create', '--owner', 'Owner', '--out', kp], 'guardian_not_backed_up');
+  // An export that could not be written is no backup.
+  const failed = await cliJson<Json>([...A, 'guardian', 'export', 'Owner', '--pfx', '--out-dir', join(pp, 'not-a-folder'), '--password-file', pfxPassword]);
+  assert.equal(failed.code, 1, JSON.stringify(failed.body));
+  assert.equal((await ok([...A, 'guardian', 'show', 'Owner'])).backedUpAt, null);
   const exported = await ok([...A, 'guardian', 'export', 'Owner', '--pfx', '--out-dir', join(dir, 'backup'), '--password-file', pfxPassword]);
   assert.equal(exported.backedUp, true);
   const keyText = execFileSync('openssl', ['pkcs12', '-in', exported.files[0], '-passin', `file:${pfxPassword}`, '-nocerts', '-nodes'], { encoding: 'utf8' });

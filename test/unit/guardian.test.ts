@@ -401,6 +401,9 @@ test('store: public import holds no private keys; PFX export → import in anoth
   const t0 = performance.now();
   const pfx = home.exportPfx('Owner', 'backup pw');
   console.log(`store.exportPfx: ${(performance.now() - t0).toFixed(0)} ms`);
+  // Bytes in memory are not a backup yet: the caller marks it once the files are written.
+  assert.equal(home.get('Owner').backedUpAt, null);
+  home.markBackedUp(['Owner']);
   assert.equal(home.get('Owner').backedUpAt, '2031-03-02T00:00:00.000Z');
   assert.ok(a.readAudit({ limit: 1000 }).some((e) => e.action === 'guardian.export' && e.subject === 'guardian-key:Owner'));
   assert.throws(() => lab.importPfx(pfx, 'wrong'), code('wrong_password'));
