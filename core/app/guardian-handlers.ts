@@ -67,7 +67,7 @@ function describeKp(kp: KeyProtector, file: string, store: GuardianStore): KpInf
   const summary = [
     `Owned by ${kp.owner.name}${trusted ? '' : ' (not a guardian known here)'}.`,
     `${guardians.length === 1 ? 'Only the owner' : listInWords(guardians.map((g) => g.name))} may run this VM, after ${listInWords(a.policy.modes, 'or')} attestation${a.policy.hosts.length ? ` on ${a.policy.hosts.length} listed host(s)` : ''}.`,
-    mine.length ? `This host holds ${mine.join(', ')}.` : 'This host holds none of its guardians: it cannot release the key.',
+    mine.length ? `This host holds ${listInWords(mine)}.` : 'This host holds none of its guardians: it cannot release the key.',
   ].join(' ');
   return {
     file,

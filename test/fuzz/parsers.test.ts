@@ -11,37 +11,10 @@ import { ShieldLabApp } from '../../core/app/service.ts';
 import { METHOD_NAMES } from '../../core/app/contract.ts';
 import { ShieldError } from '../../core/errors.ts';
 import { tempDir } from '../helpers/home.ts';
+import { mutate, rng } from '../helpers/random.ts';
 
 const SEED = Number(process.env.SHIELDLAB_FUZZ_SEED ?? Date.now() % 1_000_000);
 const ROUNDS = Number(process.env.SHIELDLAB_FUZZ_ROUNDS ?? 300);
-
-/** mulberry32: small, seeded, reproducible. */
-function rng(seed: number) {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-function mutate(input: Buffer, r: () => number): Buffer {
-  const out = Buffer.from(input);
-  const pick = Math.floor(r() * 4);
-  if (pick === 0) return out.subarray(0, Math.floor(r() * out.length));
-  if (pick === 1) {
-    for (let i = 0, n = 1 + Math.floor(r() * 4); i < n; i++) out[Math.floor(r() * out.length)] = Math.floor(r() * 256);
-    return out;
-  }
-  if (pick === 2) {
-    const at = Math.floor(r() * out.length);
-    return Buffer.concat([out.subarray(0, at), Buffer.from(Array.from({ length: 1 + Math.floor(r() * 16) }, () => Math.floor(r() * 256))), out.subarray(at)]);
-  }
-  const at = Math.floor(r() * out.length);
-  return Buffer.concat([out.subarray(0, at), out.subarray(at + 1 + Math.floor(r() * 8))]);
-}
 
 function typed(err: unknown, allowed: readonly string[], what: string): void {
   assert.ok(err instanceof ShieldError, `${what}: untyped ${String(err)} (seed ${SEED})`);

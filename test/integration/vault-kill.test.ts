@@ -12,22 +12,11 @@ import { join } from 'node:path';
 import { Vault } from '../../core/vault/mod.ts';
 import { ROOT, cliJson, secretFile, tempDir } from '../helpers/home.ts';
 import { valueFor } from './fixtures/values.ts';
+import { rng as prng } from '../helpers/random.ts';
 
 const WRITER = join(ROOT, 'test/integration/fixtures/vault-writer.ts');
 const ROUNDS = Number(process.env.SHIELDLAB_KILL_ROUNDS ?? 30);
 const SEED = Number(process.env.SHIELDLAB_KILL_SEED ?? Date.now() % 2 ** 31);
-
-/** mulberry32: a small seeded PRNG, so a failing schedule can be replayed. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 interface Plan {
   /** Start the kill timer when the writer prints `ready` (else at spawn). */
