@@ -40,6 +40,8 @@ export const ERROR_CODES = [
   'health_certificate_invalid',
   'attestation_failed',
   'host_not_registered',
+  'vhdx_corrupt',
+  'vhdx_unsupported',
   'unauthorized',
   'forbidden',
   'internal',

@@ -139,6 +139,38 @@ export const HostStatus = z.object({
     .nullable(),
 });
 
+
+export const VhdxInfo = z.object({
+  fileSize: z.number(),
+  creator: z.string(),
+  type: z.enum(['fixed', 'dynamic', 'differencing']),
+  header: z.object({
+    slot: z.number(),
+    sequenceNumber: z.string(),
+    fileWriteGuid: z.string(),
+    dataWriteGuid: z.string(),
+    logGuid: z.string(),
+    logVersion: z.number(),
+    version: z.number(),
+    logLength: z.number(),
+    logOffset: z.number(),
+  }),
+  headers: z.array(z.object({ slot: z.number(), valid: z.boolean(), sequenceNumber: z.string().nullable(), problem: z.string().nullable() })),
+  regions: z.array(z.object({ guid: z.string(), name: z.string(), fileOffset: z.number(), length: z.number(), required: z.boolean() })),
+  metadata: z.object({
+    blockSize: z.number(),
+    leaveBlockAllocated: z.boolean(),
+    hasParent: z.boolean(),
+    virtualSize: z.number(),
+    virtualDiskId: z.string(),
+    logicalSectorSize: z.number(),
+    physicalSectorSize: z.number(),
+    items: z.array(z.object({ itemId: z.string(), name: z.string(), offset: z.number(), length: z.number(), isUser: z.boolean(), isVirtualDisk: z.boolean(), isRequired: z.boolean() })),
+  }),
+  bat: z.object({ entries: z.number(), payloadBlocks: z.number(), chunkRatio: z.number(), states: z.record(z.string(), z.number()) }),
+  logDirty: z.boolean(),
+});
+
 const guardianName = z.string().min(1).max(64);
 
 const protectionArgs = {
@@ -423,6 +455,13 @@ export const contract = {
     args: z.object({ before: z.iso.datetime({ offset: true }).optional().describe('ISO time; certificates issued earlier are refused') }),
     result: HostStatus,
     needs: 'unlocked',
+  }),
+  'vhdx.info': method({
+    summary: 'Every header field of a VHDX file: headers, regions, metadata, block states',
+    cli: { path: ['vhdx', 'info'], positional: ['file'] },
+    args: z.object({ file: path }),
+    result: VhdxInfo,
+    needs: 'nothing',
   }),
 } as const;
 

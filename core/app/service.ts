@@ -9,6 +9,7 @@ import { z } from 'zod';
 import { contract, isMethodName, type AppEvent, type MethodName, type ParsedArgs, type ProgressEvent, type Result, type VaultStatus } from './contract.ts';
 import { ShieldError, toShieldError } from '../errors.ts';
 import { guardianHandlers } from './guardian-handlers.ts';
+import { openVhdx } from '../vhdx/mod.ts';
 import { GuardianStore } from '../guardian/store.ts';
 import { OsKeychain, Vault, restoreBackup, writeBackup, type Keychain, type Protection } from '../vault/mod.ts';
 
@@ -288,6 +289,15 @@ export class ShieldLabApp {
     },
 
     ...guardianHandlers(() => this.unlocked()),
+
+    'vhdx.info': async (args) => {
+      const image = await openVhdx(args.file);
+      try {
+        return image.info;
+      } finally {
+        await image.close();
+      }
+    },
 
     'vault.settings': async (args) => {
       const v = this.unlocked();

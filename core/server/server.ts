@@ -38,6 +38,8 @@ export function httpStatusFor(code: ErrorCode): number {
     case 'shares_mismatch':
     case 'backup_invalid':
     case 'kp_invalid':
+    case 'vhdx_corrupt':
+    case 'vhdx_unsupported':
     case 'pfx_invalid':
     case 'guardian_invalid':
       return 400;

@@ -1,0 +1,4 @@
+// Public face of the VHDX engine.
+export { openVhdx, VhdxImage, type VhdxInfo, type OpenOptions } from './reader.ts';
+export { crc32c } from './crc32c.ts';
+export { MiB, PAYLOAD_STATE, REGION, METADATA_ITEM } from './structures.ts';

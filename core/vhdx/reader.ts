@@ -1,0 +1,246 @@
+// Opening a VHDX and reading its virtual disk: fixed and dynamic disks, every payload-block state.
+// The BAT is read on demand in 1 MiB pages with a small bounded cache, so memory stays flat
+// whatever the disk size.
+import { open, type FileHandle } from 'node:fs/promises';
+import { ShieldError, toShieldError } from '../errors.ts';
+import { NULL_GUID } from './guid.ts';
+import {
+  HEADER_OFFSETS,
+  HEADER_SECTION,
+  HEADER_SIZE,
+  METADATA_TABLE_SIZE,
+  MiB,
+  PAYLOAD_STATE,
+  PAYLOAD_STATE_NAMES,
+  REGION,
+  REGION_TABLE_OFFSETS,
+  REGION_TABLE_SIZE,
+  batGeometry,
+  batIndexOfBlock,
+  checkLayout,
+  corrupt,
+  currentHeader,
+  decodeBatEntry,
+  parseDiskParameters,
+  parseFileIdentifier,
+  parseHeader,
+  parseMetadataTable,
+  parseRegionTable,
+  unsupported,
+  type BatEntry,
+  type BatGeometry,
+  type DiskParameters,
+  type Header,
+  type MetadataItem,
+  type RegionEntry,
+} from './structures.ts';
+
+export interface VhdxInfo {
+  fileSize: number;
+  creator: string;
+  type: 'fixed' | 'dynamic' | 'differencing';
+  header: Omit<Header, 'sequenceNumber'> & { sequenceNumber: string };
+  headers: { slot: 1 | 2; valid: boolean; sequenceNumber: string | null; problem: string | null }[];
+  regions: RegionEntry[];
+  metadata: DiskParameters & { items: MetadataItem[] };
+  bat: { entries: number; payloadBlocks: number; chunkRatio: number; states: Record<string, number> };
+  logDirty: boolean;
+}
+
+export interface OpenOptions {
+  readOnly?: boolean;
+  /** User metadata items a caller understands (e.g. the shielded disk's key protector item). */
+  knownUserItems?: readonly string[];
+}
+
+const BAT_PAGE = MiB;
+const BAT_CACHE_PAGES = 8;
+const MAX_READ = 256 * MiB;
+
+async function readAt(fh: FileHandle, offset: number, length: number, fileSize: number, what: string): Promise<Buffer> {
+  if (offset < 0 || offset + length > fileSize) throw corrupt(`${what} lies beyond the end of the file`);
+  const buf = Buffer.alloc(length);
+  let done = 0;
+  while (done < length) {
+    const { bytesRead } = await fh.read(buf, done, length - done, offset + done);
+    if (bytesRead === 0) throw corrupt(`${what} is cut short (the file shrank while reading)`);
+    done += bytesRead;
+  }
+  return buf;
+}
+
+export class VhdxImage {
+  readonly info: VhdxInfo;
+  private readonly fh: FileHandle;
+  private readonly geometry: BatGeometry;
+  private readonly bat: RegionEntry;
+  private readonly structures: { name: string; offset: number; length: number }[];
+  private readonly batPages = new Map<number, Buffer>();
+
+  private constructor(fh: FileHandle, info: VhdxInfo, geometry: BatGeometry, bat: RegionEntry, structures: { name: string; offset: number; length: number }[]) {
+    this.fh = fh;
+    this.info = info;
+    this.geometry = geometry;
+    this.bat = bat;
+    this.structures = structures;
+  }
+
+  /** Parses and checks every structure; a dirty log is not replayed yet (typed refusal). */
+  static async open(path: string, opts: OpenOptions = {}): Promise<VhdxImage> {
+    if (opts.readOnly === false) throw unsupported('writing is not implemented yet; open read-only');
+    let fh: FileHandle;
+    try {
+      fh = await open(path, 'r');
+    } catch (err) {
+      throw toShieldError(err);
+    }
+    try {
+      const fileSize = (await fh.stat()).size;
+      if (fileSize < HEADER_SECTION) throw corrupt(`the file is ${fileSize} bytes, smaller than the 1 MiB header section`);
+      const section = await readAt(fh, 0, HEADER_SECTION, fileSize, 'the header section');
+      const { creator } = parseFileIdentifier(section);
+      const slots = HEADER_OFFSETS.map((off, i) => parseHeader(section.subarray(off, off + HEADER_SIZE), (i + 1) as 1 | 2));
+      const header = currentHeader(slots, fileSize);
+      const logDirty = header.logGuid !== NULL_GUID && header.logLength > 0;
+      if (logDirty) throw unsupported('the log holds updates that must be replayed first (log replay is not implemented yet)');
+
+      // Region table 1, or table 2 when 1 is damaged (QEMU only ever reads table 1).
+      const tables = REGION_TABLE_OFFSETS.map((off) => parseRegionTable(section.subarray(off, off + REGION_TABLE_SIZE), fileSize));
+      const regions = tables.find((t): t is RegionEntry[] => Array.isArray(t));
+      if (!regions) throw corrupt(`no valid region table (${tables.map((t, i) => `table ${i + 1}: ${(t as { invalid: string }).invalid}`).join('; ')})`);
+      for (const r of regions) if (r.required && r.name === 'unknown') throw unsupported(`required region ${r.guid} is unknown`);
+      const bat = regions.find((r) => r.guid === REGION.BAT);
+      const meta = regions.find((r) => r.guid === REGION.METADATA);
+      if (!bat || !meta) throw corrupt(`the ${bat ? 'metadata' : 'BAT'} region is missing`);
+      const structures = [
+        { name: 'the header section', offset: 0, length: HEADER_SECTION },
+        { name: 'the log', offset: header.logOffset, length: header.logLength },
+        ...regions.map((r) => ({ name: `the ${r.name} region`, offset: r.fileOffset, length: r.length })),
+      ];
+      checkLayout(structures);
+
+      const metaTable = await readAt(fh, meta.fileOffset, METADATA_TABLE_SIZE, fileSize, 'the metadata table');
+      const items = parseMetadataTable(metaTable, meta.length);
+      const itemBytes = new Map<MetadataItem, Buffer>();
+      for (const item of items) {
+        if (!item.isUser || opts.knownUserItems?.includes(item.itemId)) {
+          itemBytes.set(item, await readAt(fh, meta.fileOffset + item.offset, item.length, fileSize, `metadata item ${item.name}`));
+        }
+      }
+      const params = parseDiskParameters(items, (item) => itemBytes.get(item) ?? Buffer.alloc(0), opts.knownUserItems);
+      const geometry = batGeometry(params);
+      if (geometry.entries * 8 > bat.length) throw corrupt(`the BAT region holds ${bat.length / 8} entries; the disk needs ${geometry.entries}`);
+
+      const info: VhdxInfo = {
+        fileSize,
+        creator,
+        type: params.hasParent ? 'differencing' : params.leaveBlockAllocated ? 'fixed' : 'dynamic',
+        header: { ...header, sequenceNumber: header.sequenceNumber.toString() },
+        headers: slots.map((s) =>
+          'invalid' in s ? { slot: s.slot, valid: false, sequenceNumber: null, problem: s.invalid } : { slot: s.slot, valid: true, sequenceNumber: s.sequenceNumber.toString(), problem: null },
+        ),
+        regions,
+        metadata: { ...params, items },
+        bat: { entries: geometry.entries, payloadBlocks: geometry.payloadBlocks, chunkRatio: geometry.chunkRatio, states: {} },
+        logDirty,
+      };
+      const image = new VhdxImage(fh, info, geometry, bat, structures);
+      info.bat.states = await image.countStates();
+      return image;
+    } catch (err) {
+      await fh.close();
+      throw toShieldError(err);
+    }
+  }
+
+  private async batEntry(index: number): Promise<BatEntry> {
+    const perPage = BAT_PAGE / 8;
+    const pageNo = Math.floor(index / perPage);
+    let page = this.batPages.get(pageNo);
+    if (!page) {
+      const offset = this.bat.fileOffset + pageNo * BAT_PAGE;
+      const length = Math.min(BAT_PAGE, this.bat.length - pageNo * BAT_PAGE);
+      page = await readAt(this.fh, offset, length, this.info.fileSize, 'the BAT');
+      if (this.batPages.size >= BAT_CACHE_PAGES) this.batPages.delete(this.batPages.keys().next().value!);
+      this.batPages.set(pageNo, page);
+    }
+    return decodeBatEntry(page.readBigUInt64LE((index % perPage) * 8));
+  }
+
+  /** Where a block's data lives, checked against the file and the metadata structures. */
+  private checkPayload(block: number, entry: BatEntry): void {
+    const bs = this.info.metadata.blockSize;
+    const needed = Math.min(bs, this.info.metadata.virtualSize - block * bs);
+    if (entry.fileOffset < HEADER_SECTION || entry.fileOffset + needed > this.info.fileSize) {
+      throw corrupt(`payload block ${block} points outside the file (offset ${entry.fileOffset})`);
+    }
+    for (const s of this.structures) {
+      if (entry.fileOffset < s.offset + s.length && s.offset < entry.fileOffset + needed) throw corrupt(`payload block ${block} overlaps ${s.name}`);
+    }
+  }
+
+  /** Counts the payload-block states (streaming the BAT; also checks every allocated block once). */
+  private async countStates(): Promise<Record<string, number>> {
+    const states: Record<string, number> = {};
+    const seen = new Set<number>();
+    for (let block = 0; block < this.geometry.payloadBlocks; block++) {
+      const entry = await this.batEntry(batIndexOfBlock(block, this.geometry.chunkRatio));
+      const name = PAYLOAD_STATE_NAMES[entry.state];
+      if (name === undefined) throw corrupt(`payload block ${block} has the reserved state ${entry.state}`);
+      states[name] = (states[name] ?? 0) + 1;
+      if (entry.state === PAYLOAD_STATE.FULLY_PRESENT || entry.state === PAYLOAD_STATE.PARTIALLY_PRESENT) {
+        if (entry.state === PAYLOAD_STATE.FULLY_PRESENT) this.checkPayload(block, entry);
+        if (seen.has(entry.fileOffset)) throw corrupt(`two payload blocks share the file offset ${entry.fileOffset}`);
+        seen.add(entry.fileOffset);
+      }
+    }
+    return states;
+  }
+
+  /** Virtual-disk bytes. Unallocated, zero and unmapped blocks read as zeros. */
+  async read(offset: number, length: number): Promise<Buffer> {
+    const size = this.info.metadata.virtualSize;
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > size) {
+      throw new ShieldError('invalid_argument', `A read of ${length} bytes at ${offset} is outside the ${size}-byte disk.`);
+    }
+    if (length > MAX_READ) throw new ShieldError('invalid_argument', `Reads are limited to ${MAX_READ} bytes at a time.`);
+    const out = Buffer.alloc(length);
+    const bs = this.info.metadata.blockSize;
+    let pos = offset;
+    while (pos < offset + length) {
+      const block = Math.floor(pos / bs);
+      const within = pos - block * bs;
+      const n = Math.min(offset + length - pos, bs - within);
+      const entry = await this.batEntry(batIndexOfBlock(block, this.geometry.chunkRatio));
+      switch (entry.state) {
+        case PAYLOAD_STATE.NOT_PRESENT:
+        case PAYLOAD_STATE.UNDEFINED:
+        case PAYLOAD_STATE.ZERO:
+        case PAYLOAD_STATE.UNMAPPED:
+        case PAYLOAD_STATE.UNMAPPED_V095:
+          break; // zeros (the buffer starts zeroed)
+        case PAYLOAD_STATE.FULLY_PRESENT: {
+          this.checkPayload(block, entry);
+          const data = await readAt(this.fh, entry.fileOffset + within, n, this.info.fileSize, `payload block ${block}`);
+          data.copy(out, pos - offset);
+          break;
+        }
+        case PAYLOAD_STATE.PARTIALLY_PRESENT:
+          throw unsupported(`payload block ${block} is partially present (differencing disks are not read yet)`);
+        default:
+          throw corrupt(`payload block ${block} has the reserved state ${entry.state}`);
+      }
+      pos += n;
+    }
+    return out;
+  }
+
+  async close(): Promise<void> {
+    this.batPages.clear();
+    await this.fh.close();
+  }
+}
+
+export function openVhdx(path: string, opts: OpenOptions = {}): Promise<VhdxImage> {
+  return VhdxImage.open(path, opts);
+}
