@@ -4,6 +4,7 @@
 import { open, type FileHandle } from 'node:fs/promises';
 import { ShieldError, toShieldError } from '../errors.ts';
 import { NULL_GUID } from './guid.ts';
+import { findLogReplay, overlay, type LogWrite } from './log.ts';
 import {
   HEADER_OFFSETS,
   HEADER_SECTION,
@@ -57,35 +58,56 @@ const BAT_PAGE = MiB;
 const BAT_CACHE_PAGES = 8;
 const MAX_READ = 256 * MiB;
 
-async function readAt(fh: FileHandle, offset: number, length: number, fileSize: number, what: string): Promise<Buffer> {
-  if (offset < 0 || offset + length > fileSize) throw corrupt(`${what} lies beyond the end of the file`);
-  const buf = Buffer.alloc(length);
-  let done = 0;
-  while (done < length) {
-    const { bytesRead } = await fh.read(buf, done, length - done, offset + done);
-    if (bytesRead === 0) throw corrupt(`${what} is cut short (the file shrank while reading)`);
-    done += bytesRead;
+/**
+ * The file as readers see it: its bytes, with a dirty log's writes applied in memory on a
+ * read-only open, and zeros up to the log's LastFileOffset past the real end of the file.
+ */
+class Source {
+  readonly fh: FileHandle;
+  readonly fileSize: number;
+  size: number;
+  writes: LogWrite[] = [];
+
+  constructor(fh: FileHandle, fileSize: number) {
+    this.fh = fh;
+    this.fileSize = fileSize;
+    this.size = fileSize;
   }
-  return buf;
+
+  async read(offset: number, length: number, what: string): Promise<Buffer> {
+    if (offset < 0 || offset + length > this.size) throw corrupt(`${what} lies beyond the end of the file`);
+    const buf = Buffer.alloc(length);
+    const real = Math.max(0, Math.min(length, this.fileSize - offset));
+    let done = 0;
+    while (done < real) {
+      const { bytesRead } = await this.fh.read(buf, done, real - done, offset + done);
+      if (bytesRead === 0) throw corrupt(`${what} is cut short (the file shrank while reading)`);
+      done += bytesRead;
+    }
+    if (this.writes.length > 0) overlay(buf, offset, this.writes);
+    return buf;
+  }
 }
+
+const MAX_LOG_IN_MEMORY = 64 * MiB;
 
 export class VhdxImage {
   readonly info: VhdxInfo;
-  private readonly fh: FileHandle;
+  private readonly source: Source;
   private readonly geometry: BatGeometry;
   private readonly bat: RegionEntry;
   private readonly structures: { name: string; offset: number; length: number }[];
   private readonly batPages = new Map<number, Buffer>();
 
-  private constructor(fh: FileHandle, info: VhdxInfo, geometry: BatGeometry, bat: RegionEntry, structures: { name: string; offset: number; length: number }[]) {
-    this.fh = fh;
+  private constructor(source: Source, info: VhdxInfo, geometry: BatGeometry, bat: RegionEntry, structures: { name: string; offset: number; length: number }[]) {
+    this.source = source;
     this.info = info;
     this.geometry = geometry;
     this.bat = bat;
     this.structures = structures;
   }
 
-  /** Parses and checks every structure; a dirty log is not replayed yet (typed refusal). */
+  /** Parses and checks every structure; a dirty log is replayed in memory on a read-only open. */
   static async open(path: string, opts: OpenOptions = {}): Promise<VhdxImage> {
     if (opts.readOnly === false) throw unsupported('writing is not implemented yet; open read-only');
     let fh: FileHandle;
@@ -97,15 +119,24 @@ export class VhdxImage {
     try {
       const fileSize = (await fh.stat()).size;
       if (fileSize < HEADER_SECTION) throw corrupt(`the file is ${fileSize} bytes, smaller than the 1 MiB header section`);
-      const section = await readAt(fh, 0, HEADER_SECTION, fileSize, 'the header section');
+      const source = new Source(fh, fileSize);
+      const section = await source.read(0, HEADER_SECTION, 'the header section');
       const { creator } = parseFileIdentifier(section);
       const slots = HEADER_OFFSETS.map((off, i) => parseHeader(section.subarray(off, off + HEADER_SIZE), (i + 1) as 1 | 2));
       const header = currentHeader(slots, fileSize);
       const logDirty = header.logGuid !== NULL_GUID && header.logLength > 0;
-      if (logDirty) throw unsupported('the log holds updates that must be replayed first (log replay is not implemented yet)');
+      if (logDirty) {
+        if (header.logLength > MAX_LOG_IN_MEMORY) throw unsupported(`a ${header.logLength}-byte log is too large to replay in memory`);
+        const replay = findLogReplay(await source.read(header.logOffset, header.logLength, 'the log'), header.logGuid);
+        if (fileSize < replay.flushedFileOffset) throw corrupt(`the file is shorter (${fileSize}) than its log says it was (${replay.flushedFileOffset}): truncated`);
+        // Replay in memory only: the file on disk is never touched by a read-only open.
+        source.writes = replay.writes;
+        source.size = Math.max(fileSize, replay.lastFileOffset);
+        overlay(section, 0, replay.writes);
+      }
 
       // Region table 1, or table 2 when 1 is damaged (QEMU only ever reads table 1).
-      const tables = REGION_TABLE_OFFSETS.map((off) => parseRegionTable(section.subarray(off, off + REGION_TABLE_SIZE), fileSize));
+      const tables = REGION_TABLE_OFFSETS.map((off) => parseRegionTable(section.subarray(off, off + REGION_TABLE_SIZE), source.size));
       const regions = tables.find((t): t is RegionEntry[] => Array.isArray(t));
       if (!regions) throw corrupt(`no valid region table (${tables.map((t, i) => `table ${i + 1}: ${(t as { invalid: string }).invalid}`).join('; ')})`);
       for (const r of regions) if (r.required && r.name === 'unknown') throw unsupported(`required region ${r.guid} is unknown`);
@@ -119,12 +150,12 @@ export class VhdxImage {
       ];
       checkLayout(structures);
 
-      const metaTable = await readAt(fh, meta.fileOffset, METADATA_TABLE_SIZE, fileSize, 'the metadata table');
+      const metaTable = await source.read(meta.fileOffset, METADATA_TABLE_SIZE, 'the metadata table');
       const items = parseMetadataTable(metaTable, meta.length);
       const itemBytes = new Map<MetadataItem, Buffer>();
       for (const item of items) {
         if (!item.isUser || opts.knownUserItems?.includes(item.itemId)) {
-          itemBytes.set(item, await readAt(fh, meta.fileOffset + item.offset, item.length, fileSize, `metadata item ${item.name}`));
+          itemBytes.set(item, await source.read(meta.fileOffset + item.offset, item.length, `metadata item ${item.name}`));
         }
       }
       const params = parseDiskParameters(items, (item) => itemBytes.get(item) ?? Buffer.alloc(0), opts.knownUserItems);
@@ -132,7 +163,7 @@ export class VhdxImage {
       if (geometry.entries * 8 > bat.length) throw corrupt(`the BAT region holds ${bat.length / 8} entries; the disk needs ${geometry.entries}`);
 
       const info: VhdxInfo = {
-        fileSize,
+        fileSize: source.size,
         creator,
         type: params.hasParent ? 'differencing' : params.leaveBlockAllocated ? 'fixed' : 'dynamic',
         header: { ...header, sequenceNumber: header.sequenceNumber.toString() },
@@ -144,7 +175,7 @@ export class VhdxImage {
         bat: { entries: geometry.entries, payloadBlocks: geometry.payloadBlocks, chunkRatio: geometry.chunkRatio, states: {} },
         logDirty,
       };
-      const image = new VhdxImage(fh, info, geometry, bat, structures);
+      const image = new VhdxImage(source, info, geometry, bat, structures);
       info.bat.states = await image.countStates();
       return image;
     } catch (err) {
@@ -160,7 +191,7 @@ export class VhdxImage {
     if (!page) {
       const offset = this.bat.fileOffset + pageNo * BAT_PAGE;
       const length = Math.min(BAT_PAGE, this.bat.length - pageNo * BAT_PAGE);
-      page = await readAt(this.fh, offset, length, this.info.fileSize, 'the BAT');
+      page = await this.source.read(offset, length, 'the BAT');
       if (this.batPages.size >= BAT_CACHE_PAGES) this.batPages.delete(this.batPages.keys().next().value!);
       this.batPages.set(pageNo, page);
     }
@@ -221,7 +252,7 @@ export class VhdxImage {
           break; // zeros (the buffer starts zeroed)
         case PAYLOAD_STATE.FULLY_PRESENT: {
           this.checkPayload(block, entry);
-          const data = await readAt(this.fh, entry.fileOffset + within, n, this.info.fileSize, `payload block ${block}`);
+          const data = await this.source.read(entry.fileOffset + within, n, `payload block ${block}`);
           data.copy(out, pos - offset);
           break;
         }
@@ -237,7 +268,7 @@ export class VhdxImage {
 
   async close(): Promise<void> {
     this.batPages.clear();
-    await this.fh.close();
+    await this.source.fh.close();
   }
 }
 

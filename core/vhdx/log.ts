@@ -1,0 +1,154 @@
+// The VHDX log (MS-VHDX §2.3): finding the active sequence and turning it into the writes that
+// replay it. Used to replay on a read-write open, and in memory on a read-only open (the file is
+// never touched, §2.3.3 footnote 5) — where QEMU refuses.
+import { crc32c } from './crc32c.ts';
+import { readGuid } from './guid.ts';
+import { corrupt, MiB } from './structures.ts';
+
+const SECTOR = 4096;
+const ENTRY_HEADER = 64;
+
+/** One replayed write: 4 KiB of data, or zeros over a range. */
+export interface LogWrite {
+  fileOffset: number;
+  length: number;
+  data: Buffer | null;
+}
+
+export interface LogReplay {
+  writes: LogWrite[];
+  /** The file must be at least this long before replaying (else it was truncated). */
+  flushedFileOffset: number;
+  /** After replaying, the file is at least this long. */
+  lastFileOffset: number;
+  entries: number;
+  headSequence: bigint;
+}
+
+interface Entry {
+  position: number;
+  length: number;
+  tail: number;
+  sequence: bigint;
+  flushedFileOffset: number;
+  lastFileOffset: number;
+  writes: LogWrite[];
+}
+
+/** Bytes of the circular log starting at `position`, wrapping at the end. */
+function circular(log: Buffer, position: number, length: number): Buffer {
+  if (position + length <= log.length) return log.subarray(position, position + length);
+  const first = log.subarray(position);
+  return Buffer.concat([first, log.subarray(0, length - first.length)]);
+}
+
+/** Parses one entry at `position`; null when it is not a valid entry of this log. */
+function parseEntry(log: Buffer, position: number, logGuid: string): Entry | null {
+  const head = circular(log, position, ENTRY_HEADER);
+  if (head.toString('latin1', 0, 4) !== 'loge') return null;
+  const length = head.readUInt32LE(8);
+  const tail = head.readUInt32LE(12);
+  const sequence = head.readBigUInt64LE(16);
+  const descriptorCount = head.readUInt32LE(24);
+  if (length === 0 || length % SECTOR !== 0 || length > log.length || tail % SECTOR !== 0 || tail >= log.length || sequence === 0n) return null;
+  if (readGuid(head, 32) !== logGuid) return null;
+  const flushedFileOffset = Number(head.readBigUInt64LE(48));
+  const lastFileOffset = Number(head.readBigUInt64LE(56));
+  if (flushedFileOffset % MiB !== 0 || lastFileOffset % MiB !== 0) return null;
+  const descriptorSectors = Math.ceil((descriptorCount + 2) / 128);
+  let dataSectors = 0;
+  const entry = circular(log, position, length);
+  if (descriptorSectors * SECTOR > length) return null;
+  const checksum = Buffer.from(entry);
+  checksum.writeUInt32LE(0, 4);
+  if (crc32c(checksum) !== head.readUInt32LE(4)) return null;
+
+  const writes: LogWrite[] = [];
+  for (let i = 0; i < descriptorCount; i++) {
+    const at = ENTRY_HEADER + i * 32;
+    const d = entry.subarray(at, at + 32);
+    const kind = d.toString('latin1', 0, 4);
+    if (d.readBigUInt64LE(24) !== sequence) return null;
+    if (kind === 'zero') {
+      const zeroLength = Number(d.readBigUInt64LE(8));
+      const fileOffset = Number(d.readBigUInt64LE(16));
+      if (zeroLength % SECTOR !== 0 || fileOffset % SECTOR !== 0) return null;
+      writes.push({ fileOffset, length: zeroLength, data: null });
+    } else if (kind === 'desc') {
+      const trailing = d.subarray(4, 8);
+      const leading = d.subarray(8, 16);
+      const fileOffset = Number(d.readBigUInt64LE(16));
+      if (fileOffset % SECTOR !== 0) return null;
+      const sectorAt = (descriptorSectors + dataSectors) * SECTOR;
+      dataSectors++;
+      if (sectorAt + SECTOR > length) return null;
+      const sector = entry.subarray(sectorAt, sectorAt + SECTOR);
+      if (sector.toString('latin1', 0, 4) !== 'data') return null;
+      const seq = (BigInt(sector.readUInt32LE(4)) << 32n) | BigInt(sector.readUInt32LE(4092));
+      if (seq !== sequence) return null;
+      // Target bytes 0–7 and 4092–4095 travel in the descriptor; 8–4091 in the data sector.
+      writes.push({ fileOffset, length: SECTOR, data: Buffer.concat([leading, sector.subarray(8, 4092), trailing]) });
+    } else {
+      return null;
+    }
+  }
+  if ((descriptorSectors + dataSectors) * SECTOR > length) return null;
+  return { position, length, tail, sequence, flushedFileOffset, lastFileOffset, writes };
+}
+
+/**
+ * Finds the active sequence (§2.3.3): of all runs of valid entries with consecutive sequence
+ * numbers whose head's Tail lies inside the run, the one with the greatest head sequence number.
+ */
+export function findLogReplay(log: Buffer, logGuid: string): LogReplay {
+  if (log.length === 0 || log.length % SECTOR !== 0) throw corrupt('the log length is not a multiple of 4 KiB');
+  const parsed = new Map<number, Entry | null>();
+  const entryAt = (p: number) => {
+    if (!parsed.has(p)) parsed.set(p, parseEntry(log, p, logGuid));
+    return parsed.get(p)!;
+  };
+  const walked = new Set<number>();
+  let best: Entry[] | null = null;
+  for (let start = 0; start < log.length; start += SECTOR) {
+    if (walked.has(start)) continue; // already inside a run found from an earlier start
+    const first = entryAt(start);
+    if (!first) continue;
+    const run: Entry[] = [first];
+    walked.add(start);
+    for (;;) {
+      const last = run[run.length - 1]!;
+      const nextPos = (last.position + last.length) % log.length;
+      if (walked.has(nextPos) && nextPos === start) break; // wrapped around onto itself
+      const next = entryAt(nextPos);
+      if (!next || next.sequence !== last.sequence + 1n) break;
+      run.push(next);
+      walked.add(nextPos);
+      if (run.length > log.length / SECTOR) break;
+    }
+    const head = run[run.length - 1]!;
+    const tailIndex = run.findIndex((e) => e.position === head.tail);
+    if (tailIndex < 0) continue;
+    if (!best || head.sequence > best[best.length - 1]!.sequence) best = run.slice(tailIndex);
+  }
+  if (!best) throw corrupt('the log is marked as holding updates, but no valid log sequence was found');
+  const head = best[best.length - 1]!;
+  return {
+    writes: best.flatMap((e) => e.writes),
+    flushedFileOffset: head.flushedFileOffset,
+    lastFileOffset: head.lastFileOffset,
+    entries: best.length,
+    headSequence: head.sequence,
+  };
+}
+
+/** Applies replayed writes to a buffer that holds the file's bytes at `offset`. */
+export function overlay(buf: Buffer, offset: number, writes: readonly LogWrite[]): void {
+  const end = offset + buf.length;
+  for (const w of writes) {
+    const from = Math.max(offset, w.fileOffset);
+    const to = Math.min(end, w.fileOffset + w.length);
+    if (from >= to) continue;
+    if (w.data) w.data.copy(buf, from - offset, from - w.fileOffset, to - w.fileOffset);
+    else buf.fill(0, from - offset, to - offset);
+  }
+}
