@@ -43,7 +43,7 @@ function circular(log: Buffer, position: number, length: number): Buffer {
 }
 
 /** Parses one entry at `position`; null when it is not a valid entry of this log. */
-function parseEntry(log: Buffer, position: number, logGuid: string): Entry | null {
+function parseEntry(log: Buffer, position: number, logGuid: string, budget: { bytes: number }): Entry | null {
   const head = circular(log, position, ENTRY_HEADER);
   if (head.toString('latin1', 0, 4) !== 'loge') return null;
   const length = head.readUInt32LE(8);
@@ -56,12 +56,21 @@ function parseEntry(log: Buffer, position: number, logGuid: string): Entry | nul
   const lastFileOffset = Number(head.readBigUInt64LE(56));
   if (flushedFileOffset % MiB !== 0 || lastFileOffset % MiB !== 0) return null;
   const descriptorSectors = Math.ceil((descriptorCount + 2) / 128);
-  let dataSectors = 0;
-  const entry = circular(log, position, length);
   if (descriptorSectors * SECTOR > length) return null;
-  const checksum = Buffer.from(entry);
-  checksum.writeUInt32LE(0, 4);
-  if (crc32c(checksum) !== head.readUInt32LE(4)) return null;
+  const entry = circular(log, position, length);
+  // Structure first (cheap), checksum last: a log full of plausible headers must not cost a CRC each.
+  const writes = parseDescriptors(entry, descriptorCount, descriptorSectors, sequence);
+  if (writes === null) return null;
+  budget.bytes -= length;
+  if (budget.bytes < 0) throw corrupt('the log is full of near-valid entries (gave up scanning it)');
+  const zeroField = Buffer.alloc(4);
+  if (crc32c(entry.subarray(8), crc32c(zeroField, crc32c(entry.subarray(0, 4)))) !== head.readUInt32LE(4)) return null;
+  return { position, length, tail, sequence, flushedFileOffset, lastFileOffset, writes };
+}
+
+function parseDescriptors(entry: Buffer, descriptorCount: number, descriptorSectors: number, sequence: bigint): LogWrite[] | null {
+  const length = entry.length;
+  let dataSectors = 0;
 
   const writes: LogWrite[] = [];
   for (let i = 0; i < descriptorCount; i++) {
@@ -93,7 +102,7 @@ function parseEntry(log: Buffer, position: number, logGuid: string): Entry | nul
     }
   }
   if ((descriptorSectors + dataSectors) * SECTOR > length) return null;
-  return { position, length, tail, sequence, flushedFileOffset, lastFileOffset, writes };
+  return writes;
 }
 
 /**
@@ -103,8 +112,10 @@ function parseEntry(log: Buffer, position: number, logGuid: string): Entry | nul
 export function findLogReplay(log: Buffer, logGuid: string): LogReplay {
   if (log.length === 0 || log.length % SECTOR !== 0) throw corrupt('the log length is not a multiple of 4 KiB');
   const parsed = new Map<number, Entry | null>();
+  // Checksumming is bounded: a few passes over the log, whatever its content.
+  const budget = { bytes: 8 * log.length };
   const entryAt = (p: number) => {
-    if (!parsed.has(p)) parsed.set(p, parseEntry(log, p, logGuid));
+    if (!parsed.has(p)) parsed.set(p, parseEntry(log, p, logGuid, budget));
     return parsed.get(p)!;
   };
   const walked = new Set<number>();

@@ -90,6 +90,8 @@ class Source {
 }
 
 const MAX_LOG_IN_MEMORY = 64 * MiB;
+/** How far a log may say the file grew past its real end: the largest disk plus its largest BAT. */
+const MAX_GROWTH = 64 * 1024 * 1024 * MiB + 1024 * MiB;
 
 export class VhdxImage {
   readonly info: VhdxInfo;
@@ -98,6 +100,7 @@ export class VhdxImage {
   private readonly bat: RegionEntry;
   private readonly structures: { name: string; offset: number; length: number }[];
   private readonly batPages = new Map<number, Buffer>();
+  private closed = false;
 
   private constructor(source: Source, info: VhdxInfo, geometry: BatGeometry, bat: RegionEntry, structures: { name: string; offset: number; length: number }[]) {
     this.source = source;
@@ -130,6 +133,9 @@ export class VhdxImage {
         const replay = findLogReplay(await source.read(header.logOffset, header.logLength, 'the log'), header.logGuid);
         if (fileSize < replay.flushedFileOffset) throw corrupt(`the file is shorter (${fileSize}) than its log says it was (${replay.flushedFileOffset}): truncated`);
         // Replay in memory only: the file on disk is never touched by a read-only open.
+        if (!Number.isSafeInteger(replay.lastFileOffset) || replay.lastFileOffset > fileSize + MAX_GROWTH) {
+          throw corrupt(`the log claims the file ends at ${replay.lastFileOffset}, far beyond its ${fileSize} bytes`);
+        }
         source.writes = replay.writes;
         source.size = Math.max(fileSize, replay.lastFileOffset);
         overlay(section, 0, replay.writes);
@@ -154,7 +160,9 @@ export class VhdxImage {
       const items = parseMetadataTable(metaTable, meta.length);
       const itemBytes = new Map<MetadataItem, Buffer>();
       for (const item of items) {
-        if (!item.isUser || opts.knownUserItems?.includes(item.itemId)) {
+        // Only the items we interpret are read: an unknown optional item stays on disk, untouched.
+        const wanted = item.isUser ? opts.knownUserItems?.includes(item.itemId) : item.name !== 'unknown';
+        if (wanted) {
           itemBytes.set(item, await source.read(meta.fileOffset + item.offset, item.length, `metadata item ${item.name}`));
         }
       }
@@ -163,7 +171,7 @@ export class VhdxImage {
       if (geometry.entries * 8 > bat.length) throw corrupt(`the BAT region holds ${bat.length / 8} entries; the disk needs ${geometry.entries}`);
 
       const info: VhdxInfo = {
-        fileSize: source.size,
+        fileSize,
         creator,
         type: params.hasParent ? 'differencing' : params.leaveBlockAllocated ? 'fixed' : 'dynamic',
         header: { ...header, sequenceNumber: header.sequenceNumber.toString() },
@@ -202,7 +210,7 @@ export class VhdxImage {
   private checkPayload(block: number, entry: BatEntry): void {
     const bs = this.info.metadata.blockSize;
     const needed = Math.min(bs, this.info.metadata.virtualSize - block * bs);
-    if (entry.fileOffset < HEADER_SECTION || entry.fileOffset + needed > this.info.fileSize) {
+    if (entry.fileOffset < HEADER_SECTION || entry.fileOffset + needed > this.source.size) {
       throw corrupt(`payload block ${block} points outside the file (offset ${entry.fileOffset})`);
     }
     for (const s of this.structures) {
@@ -210,26 +218,55 @@ export class VhdxImage {
     }
   }
 
-  /** Counts the payload-block states (streaming the BAT; also checks every allocated block once). */
+  /**
+   * Counts the payload-block states, streaming the BAT a page at a time (all-zero pages in one
+   * step) and checking every allocated block once; a bitmap over the file's MiB offsets catches
+   * two blocks claiming the same place, in memory proportional to the file, not the disk.
+   */
   private async countStates(): Promise<Record<string, number>> {
-    const states: Record<string, number> = {};
-    const seen = new Set<number>();
-    for (let block = 0; block < this.geometry.payloadBlocks; block++) {
-      const entry = await this.batEntry(batIndexOfBlock(block, this.geometry.chunkRatio));
-      const name = PAYLOAD_STATE_NAMES[entry.state];
-      if (name === undefined) throw corrupt(`payload block ${block} has the reserved state ${entry.state}`);
-      states[name] = (states[name] ?? 0) + 1;
-      if (entry.state === PAYLOAD_STATE.FULLY_PRESENT || entry.state === PAYLOAD_STATE.PARTIALLY_PRESENT) {
-        if (entry.state === PAYLOAD_STATE.FULLY_PRESENT) this.checkPayload(block, entry);
-        if (seen.has(entry.fileOffset)) throw corrupt(`two payload blocks share the file offset ${entry.fileOffset}`);
-        seen.add(entry.fileOffset);
+    const counts = new Array<number>(8).fill(0);
+    const claimed = new Uint8Array(Math.ceil(this.source.size / MiB / 8) + 1);
+    const { chunkRatio, payloadBlocks } = this.geometry;
+    const perPage = BAT_PAGE / 8;
+    const zeroPage = Buffer.alloc(BAT_PAGE);
+    const entries = batIndexOfBlock(payloadBlocks - 1, chunkRatio) + 1;
+    for (let first = 0; first < entries; first += perPage) {
+      const n = Math.min(perPage, entries - first);
+      const page = await this.source.read(this.bat.fileOffset + first * 8, n * 8, 'the BAT');
+      if (page.equals(zeroPage.subarray(0, n * 8))) {
+        // NOT_PRESENT everywhere: count the payload entries among them (sector-bitmap entries excluded).
+        const sb = Math.floor((first + n) / (chunkRatio + 1)) - Math.floor(first / (chunkRatio + 1));
+        counts[PAYLOAD_STATE.NOT_PRESENT]! += n - sb;
+        continue;
+      }
+      for (let i = 0; i < n; i++) {
+        const index = first + i;
+        if ((index + 1) % (chunkRatio + 1) === 0) continue; // a sector-bitmap entry
+        const block = index - Math.floor(index / (chunkRatio + 1));
+        const low = page.readUInt32LE(i * 8);
+        const state = low & 7;
+        if (PAYLOAD_STATE_NAMES[state] === undefined) throw corrupt(`payload block ${block} has the reserved state ${state}`);
+        counts[state]!++;
+        if (state === PAYLOAD_STATE.FULLY_PRESENT || state === PAYLOAD_STATE.PARTIALLY_PRESENT) {
+          const entry = decodeBatEntry(page.readBigUInt64LE(i * 8));
+          if (state === PAYLOAD_STATE.FULLY_PRESENT) this.checkPayload(block, entry);
+          const mb = entry.fileOffset / MiB;
+          if (!Number.isSafeInteger(mb) || mb / 8 >= claimed.length) throw corrupt(`payload block ${block} points outside the file`);
+          if (claimed[mb >> 3]! & (1 << (mb & 7))) throw corrupt(`two payload blocks share the file offset ${entry.fileOffset}`);
+          claimed[mb >> 3]! |= 1 << (mb & 7);
+        }
       }
     }
+    const states: Record<string, number> = {};
+    counts.forEach((c, state) => {
+      if (c > 0) states[PAYLOAD_STATE_NAMES[state]!] = c;
+    });
     return states;
   }
 
   /** Virtual-disk bytes. Unallocated, zero and unmapped blocks read as zeros. */
   async read(offset: number, length: number): Promise<Buffer> {
+    if (this.closed) throw new ShieldError('invalid_argument', 'The VHDX image is closed.');
     const size = this.info.metadata.virtualSize;
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > size) {
       throw new ShieldError('invalid_argument', `A read of ${length} bytes at ${offset} is outside the ${size}-byte disk.`);
@@ -267,6 +304,8 @@ export class VhdxImage {
   }
 
   async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
     this.batPages.clear();
     await this.source.fh.close();
   }
