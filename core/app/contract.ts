@@ -140,6 +140,27 @@ export const HostStatus = z.object({
 });
 
 
+export const VhdxCreated = z.object({
+  file: z.string(),
+  type: z.enum(['fixed', 'dynamic']),
+  virtualSize: z.number(),
+  blockSize: z.number(),
+  logicalSectorSize: z.number(),
+  physicalSectorSize: z.number(),
+  fileSize: z.number(),
+});
+
+export const VhdxConverted = z.object({
+  input: z.string(),
+  output: z.string(),
+  from: z.enum(['raw', 'vhdx']),
+  to: z.enum(['raw', 'vhdx']),
+  virtualSize: z.number(),
+  blocks: z.number(),
+  dataBlocks: z.number(),
+  fileSize: z.number(),
+});
+
 export const VhdxInfo = z.object({
   fileSize: z.number(),
   creator: z.string(),
@@ -462,6 +483,35 @@ export const contract = {
     args: z.object({ file: path }),
     result: VhdxInfo,
     needs: 'nothing',
+  }),
+  'vhdx.create': method({
+    summary: 'Create an empty VHDX: dynamic (default) or fixed, laid out as Hyper-V does',
+    cli: { path: ['vhdx', 'create'], positional: ['file'] },
+    args: z.object({
+      file: path,
+      size: z.string().min(1).max(40).describe('virtual disk size: bytes or with a suffix (512K, 10M, 1G, 2T)'),
+      fixed: z.boolean().default(false).describe('a fixed disk: every block allocated up front'),
+      blockSize: z.string().min(1).max(40).optional().describe('block size, a power of two from 1M to 256M (default 32M)'),
+      logicalSector: z.number().int().optional().describe('logical sector size, 512 or 4096 (default 512)'),
+    }),
+    result: VhdxCreated,
+    needs: 'nothing',
+  }),
+  'vhdx.convert': method({
+    summary: 'Convert raw ⇄ VHDX, streaming (format by extension .vhdx / .raw / .img, or --from/--to)',
+    cli: { path: ['vhdx', 'convert'], positional: ['input', 'output'] },
+    args: z.object({
+      input: path,
+      output: path,
+      from: z.enum(['raw', 'vhdx']).optional().describe('input format (default: by extension)'),
+      to: z.enum(['raw', 'vhdx']).optional().describe('output format (default: by extension)'),
+      fixed: z.boolean().default(false).describe('VHDX output: a fixed disk (default dynamic)'),
+      blockSize: z.string().min(1).max(40).optional().describe('VHDX output: block size, 1M to 256M (default 32M)'),
+      logicalSector: z.number().int().optional().describe('VHDX output: logical sector size, 512 or 4096 (default 512)'),
+    }),
+    result: VhdxConverted,
+    needs: 'nothing',
+    progress: true,
   }),
 } as const;
 

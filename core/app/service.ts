@@ -3,13 +3,13 @@
 // leaking fields), runs the handler, and turns every failure into a ShieldError.
 import { statSync } from 'node:fs';
 import { homedir } from 'node:os';
-import { join } from 'node:path';
+import { extname, join } from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { z } from 'zod';
 import { contract, isMethodName, type AppEvent, type MethodName, type ParsedArgs, type ProgressEvent, type Result, type VaultStatus } from './contract.ts';
 import { ShieldError, toShieldError } from '../errors.ts';
 import { guardianHandlers } from './guardian-handlers.ts';
-import { openVhdx } from '../vhdx/mod.ts';
+import { convertRawToVhdx, convertVhdxToRaw, createVhdx, openVhdx, parseSize } from '../vhdx/mod.ts';
 import { GuardianStore } from '../guardian/store.ts';
 import { OsKeychain, Vault, restoreBackup, writeBackup, type Keychain, type Protection } from '../vault/mod.ts';
 
@@ -299,10 +299,49 @@ export class ShieldLabApp {
       }
     },
 
+    'vhdx.create': async (args) => {
+      const blockSize = args.blockSize === undefined ? undefined : parseSize(args.blockSize, 'block size');
+      return createVhdx(args.file, {
+        size: parseSize(args.size, 'disk size'),
+        type: args.fixed ? 'fixed' : 'dynamic',
+        ...(blockSize !== undefined ? { blockSize } : {}),
+        ...(args.logicalSector !== undefined ? { logicalSectorSize: args.logicalSector } : {}),
+      });
+    },
+
+    'vhdx.convert': async (args, ctx) => {
+      const from = args.from ?? formatByExtension(args.input);
+      const to = args.to ?? formatByExtension(args.output);
+      if (from === to) throw new ShieldError('invalid_argument', `Both sides are ${from}: convert converts raw to VHDX or VHDX to raw.`);
+      const onProgress = this.progress(ctx, 'vhdx.convert', `converting ${from} to ${to}`, 'bytes');
+      if (to === 'raw') {
+        if (args.fixed || args.blockSize !== undefined || args.logicalSector !== undefined) {
+          throw new ShieldError('invalid_argument', '--fixed, --block-size and --logical-sector apply to VHDX output only.');
+        }
+        return { ...(await convertVhdxToRaw(args.input, args.output, { onProgress })), from, to };
+      }
+      const blockSize = args.blockSize === undefined ? undefined : parseSize(args.blockSize, 'block size');
+      const r = await convertRawToVhdx(args.input, args.output, {
+        type: args.fixed ? 'fixed' : 'dynamic',
+        ...(blockSize !== undefined ? { blockSize } : {}),
+        ...(args.logicalSector !== undefined ? { logicalSectorSize: args.logicalSector } : {}),
+        onProgress,
+      });
+      return { ...r, from, to };
+    },
+
     'vault.settings': async (args) => {
       const v = this.unlocked();
       if (args.autoLockMinutes !== undefined) v.setAutoLock(args.autoLockMinutes);
       return { autoLockMinutes: v.autoLockMinutes() };
     },
   };
+}
+
+/** raw or vhdx by file extension; anything else needs --from / --to. */
+function formatByExtension(file: string): 'raw' | 'vhdx' {
+  const ext = extname(file).toLowerCase();
+  if (ext === '.vhdx') return 'vhdx';
+  if (ext === '.raw' || ext === '.img') return 'raw';
+  throw new ShieldError('invalid_argument', `Cannot tell the format of ${file} from its extension (.vhdx, .raw, .img): give --from / --to.`);
 }

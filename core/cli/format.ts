@@ -89,6 +89,10 @@ export function formatHuman(method: MethodName, result: unknown): string {
       return `Deleted ${String(r.name)}.\n`;
     case 'vault.put':
       return `${r.created ? 'Stored' : 'Updated'} ${String(r.name)} (version ${String(r.version)}).\n`;
+    case 'vhdx.create':
+      return `Created ${String(r.file)}: ${String(r.type)} VHDX, ${String(r.virtualSize)} bytes, ${Number(r.blockSize) / 1048576} MiB blocks, ${String(r.logicalSectorSize)}/${String(r.physicalSectorSize)}-byte logical/physical sectors (file ${String(r.fileSize)} bytes).\n`;
+    case 'vhdx.convert':
+      return `Converted ${String(r.input)} (${String(r.from)}) to ${String(r.output)} (${String(r.to)}): ${String(r.virtualSize)} bytes, ${String(r.dataBlocks)} of ${String(r.blocks)} blocks hold data (file ${String(r.fileSize)} bytes).\n`;
     default:
       return keyValues(r);
   }

@@ -75,8 +75,13 @@ class Source {
   }
 
   async read(offset: number, length: number, what: string): Promise<Buffer> {
+    return this.readInto(Buffer.alloc(length), offset, what);
+  }
+
+  /** Fills `buf` (all of it) from `offset`; past the real end of the file it reads zeros. */
+  async readInto(buf: Buffer, offset: number, what: string): Promise<Buffer> {
+    const length = buf.length;
     if (offset < 0 || offset + length > this.size) throw corrupt(`${what} lies beyond the end of the file`);
-    const buf = Buffer.alloc(length);
     const real = Math.max(0, Math.min(length, this.fileSize - offset));
     let done = 0;
     while (done < real) {
@@ -84,6 +89,7 @@ class Source {
       if (bytesRead === 0) throw corrupt(`${what} is cut short (the file shrank while reading)`);
       done += bytesRead;
     }
+    if (real < length) buf.fill(0, real);
     if (this.writes.length > 0) overlay(buf, offset, this.writes);
     return buf;
   }
@@ -264,15 +270,28 @@ export class VhdxImage {
     return states;
   }
 
-  /** Virtual-disk bytes. Unallocated, zero and unmapped blocks read as zeros. */
-  async read(offset: number, length: number): Promise<Buffer> {
+  /** A payload block's BAT state (PAYLOAD_STATE), e.g. to skip blocks that read as zeros. */
+  async blockState(block: number): Promise<number> {
+    if (this.closed) throw new ShieldError('invalid_argument', 'The VHDX image is closed.');
+    if (!Number.isSafeInteger(block) || block < 0 || block >= this.geometry.payloadBlocks) {
+      throw new ShieldError('invalid_argument', `Block ${block} is outside the disk (${this.geometry.payloadBlocks} blocks).`);
+    }
+    return (await this.batEntry(batIndexOfBlock(block, this.geometry.chunkRatio))).state;
+  }
+
+  /**
+   * Virtual-disk bytes. Unallocated, zero and unmapped blocks read as zeros. `into` (at least
+   * `length` bytes) is filled instead of a new buffer, for callers that stream.
+   */
+  async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
     if (this.closed) throw new ShieldError('invalid_argument', 'The VHDX image is closed.');
     const size = this.info.metadata.virtualSize;
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > size) {
       throw new ShieldError('invalid_argument', `A read of ${length} bytes at ${offset} is outside the ${size}-byte disk.`);
     }
     if (length > MAX_READ) throw new ShieldError('invalid_argument', `Reads are limited to ${MAX_READ} bytes at a time.`);
-    const out = Buffer.alloc(length);
+    if (into && into.length < length) throw new ShieldError('invalid_argument', `The buffer holds ${into.length} bytes; the read needs ${length}.`);
+    const out = into ? into.subarray(0, length) : Buffer.alloc(length);
     const bs = this.info.metadata.blockSize;
     let pos = offset;
     while (pos < offset + length) {
@@ -286,11 +305,11 @@ export class VhdxImage {
         case PAYLOAD_STATE.ZERO:
         case PAYLOAD_STATE.UNMAPPED:
         case PAYLOAD_STATE.UNMAPPED_V095:
-          break; // zeros (the buffer starts zeroed)
+          if (into) out.fill(0, pos - offset, pos - offset + n); // a new buffer starts zeroed
+          break;
         case PAYLOAD_STATE.FULLY_PRESENT: {
           this.checkPayload(block, entry);
-          const data = await this.source.read(entry.fileOffset + within, n, `payload block ${block}`);
-          data.copy(out, pos - offset);
+          await this.source.readInto(out.subarray(pos - offset, pos - offset + n), entry.fileOffset + within, `payload block ${block}`);
           break;
         }
         case PAYLOAD_STATE.PARTIALLY_PRESENT:
