@@ -42,6 +42,7 @@ export const ERROR_CODES = [
   'host_not_registered',
   'vhdx_corrupt',
   'vhdx_unsupported',
+  'cancelled',
   'unauthorized',
   'forbidden',
   'internal',

@@ -16,6 +16,8 @@ import { OsKeychain, Vault, restoreBackup, writeBackup, type Keychain, type Prot
 export interface CallContext {
   callId?: string;
   onProgress?: (e: ProgressEvent) => void;
+  /** Cancels long work (conversions); what was half-made is removed. */
+  signal?: AbortSignal;
 }
 
 export interface AppOptions {
@@ -83,6 +85,7 @@ export class ShieldLabApp {
       const result = await handler(parsed.data as never, { ...ctx, callId: ctx.callId ?? randomUUID() });
       return (spec.result as z.ZodType).parse(result);
     } catch (err) {
+      if (ctx.signal?.aborted && err === ctx.signal.reason) throw new ShieldError('cancelled', 'Cancelled: nothing was written.');
       const e = toShieldError(err);
       if (e.code === 'internal') this.log(`internal error in ${methodName}: ${(err as Error)?.stack ?? String(err)}`);
       throw e;
@@ -318,13 +321,14 @@ export class ShieldLabApp {
         if (args.fixed || args.blockSize !== undefined || args.logicalSector !== undefined) {
           throw new ShieldError('invalid_argument', '--fixed, --block-size and --logical-sector apply to VHDX output only.');
         }
-        return { ...(await convertVhdxToRaw(args.input, args.output, { onProgress })), from, to };
+        return { ...(await convertVhdxToRaw(args.input, args.output, { onProgress, ...(ctx.signal ? { signal: ctx.signal } : {}) })), from, to };
       }
       const blockSize = args.blockSize === undefined ? undefined : parseSize(args.blockSize, 'block size');
       const r = await convertRawToVhdx(args.input, args.output, {
         type: args.fixed ? 'fixed' : 'dynamic',
         ...(blockSize !== undefined ? { blockSize } : {}),
         ...(args.logicalSector !== undefined ? { logicalSectorSize: args.logicalSector } : {}),
+        ...(ctx.signal ? { signal: ctx.signal } : {}),
         onProgress,
       });
       return { ...r, from, to };

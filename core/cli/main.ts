@@ -256,7 +256,18 @@ export async function run(argv: string[]): Promise<number> {
         : undefined);
       await app.invoke('vault.unlock', passphrase === undefined ? {} : { passphrase });
     }
-    const result = await app.invoke(found.method, args, { onProgress: progressPrinter(globals) });
+    // Ctrl-C (or SIGTERM) cancels long work cleanly: the method removes what it half-made.
+    const cancel = new AbortController();
+    const onSignal = () => cancel.abort();
+    process.once('SIGINT', onSignal);
+    process.once('SIGTERM', onSignal);
+    let result: unknown;
+    try {
+      result = await app.invoke(found.method, args, { onProgress: progressPrinter(globals), signal: cancel.signal });
+    } finally {
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+    }
     if (globals.json) process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
     else process.stdout.write(formatHuman(found.method, result));
     return exitStatusFor(found.method, result);

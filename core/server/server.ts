@@ -64,6 +64,7 @@ export function httpStatusFor(code: ErrorCode): number {
     case 'already_exists':
     case 'vault_exists':
     case 'home_not_empty':
+    case 'cancelled':
     case 'recovery_not_configured':
     case 'vault_busy':
     case 'guardian_in_use':

@@ -327,3 +327,29 @@ test('`shieldlab vhdx create` and `vhdx convert` (no vault; format by extension 
   assert.equal((unknown.body as { error: { code: string } }).error.code, 'invalid_argument');
   assert.ok(!existsSync(home), 'no vault needed, none created');
 });
+
+test('Ctrl-C during `vhdx convert`: exit 1 [cancelled], no output and no partial file left', async (t) => {
+  const { dir, cleanup } = tempDir();
+  t.after(cleanup);
+  // 768 MiB of non-zero data: long enough that the signal lands mid-conversion.
+  const input = join(dir, 'big.raw');
+  const fd = openSync(input, 'w');
+  const chunk = Buffer.alloc(MiB, 0x6b);
+  for (let i = 0; i < 768; i++) writeSync(fd, chunk);
+  closeSync(fd);
+  const output = join(dir, 'big.vhdx');
+  const { spawn } = await import('node:child_process');
+  const { CLI } = await import('../helpers/home.ts');
+  const child = spawn(process.execPath, [CLI, 'vhdx', 'convert', input, output], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => (stderr += d));
+  const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+  const deadline = Date.now() + 20_000;
+  while (!existsSync(`${output}.partial`) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+  assert.ok(existsSync(`${output}.partial`), 'the conversion started');
+  child.kill('SIGINT');
+  assert.equal(await exited, 1, stderr);
+  assert.match(stderr, /\[cancelled\]/);
+  assert.equal(existsSync(output), false);
+  assert.equal(existsSync(`${output}.partial`), false);
+});
