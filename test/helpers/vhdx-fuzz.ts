@@ -471,33 +471,19 @@ export function targetedCases(seeds: SeedData[]): (() => FuzzCase)[] {
     add('metadata entry count 0', 'fail', (b) => b.writeUInt16LE(0, l.metadataOffset + 10), 'vhdx_corrupt');
     add('metadata signature gone', 'fail', (b) => b.write('metadatX', l.metadataOffset, 'latin1'), 'vhdx_corrupt');
     add('virtual disk size item missing (id changed)', 'fail', (b) => writeGuid(b, item(GUIDS.virtualDiskSize), '12345678-1234-4234-8234-123456789abc'));
-    add('unknown required metadata item', 'fail', (b) => {
+    /** One more metadata table entry, 16 bytes at +128 KiB, with the given flag bits (1 user, 4 required). */
+    const extraItem = (b: Buffer, flags: number) => {
       const n = b.readUInt16LE(l.metadataOffset + 10);
       b.writeUInt16LE(n + 1, l.metadataOffset + 10);
       const e = l.metadataOffset + 32 + 32 * n;
       writeGuid(b, e, '0badc0de-aaaa-4bbb-8ccc-dddddddddddd');
       b.writeUInt32LE(0x20000, e + 16);
       b.writeUInt32LE(16, e + 20);
-      b.writeUInt32LE(4, e + 24);
-    }, 'vhdx_unsupported');
-    add('unknown required user metadata item', 'fail', (b) => {
-      const n = b.readUInt16LE(l.metadataOffset + 10);
-      b.writeUInt16LE(n + 1, l.metadataOffset + 10);
-      const e = l.metadataOffset + 32 + 32 * n;
-      writeGuid(b, e, '0badc0de-aaaa-4bbb-8ccc-dddddddddddd');
-      b.writeUInt32LE(0x20000, e + 16);
-      b.writeUInt32LE(16, e + 20);
-      b.writeUInt32LE(5, e + 24);
-    }, 'vhdx_unsupported');
-    add('unknown optional user metadata item', 'same', (b) => {
-      const n = b.readUInt16LE(l.metadataOffset + 10);
-      b.writeUInt16LE(n + 1, l.metadataOffset + 10);
-      const e = l.metadataOffset + 32 + 32 * n;
-      writeGuid(b, e, '0badc0de-aaaa-4bbb-8ccc-dddddddddddd');
-      b.writeUInt32LE(0x20000, e + 16);
-      b.writeUInt32LE(16, e + 20);
-      b.writeUInt32LE(1, e + 24);
-    });
+      b.writeUInt32LE(flags, e + 24);
+    };
+    add('unknown required metadata item', 'fail', (b) => extraItem(b, 4), 'vhdx_unsupported');
+    add('unknown required user metadata item', 'fail', (b) => extraItem(b, 5), 'vhdx_unsupported');
+    add('unknown optional user metadata item', 'same', (b) => extraItem(b, 1));
     // Headers and the log
     const hdrs = (fn: (h: number) => void) => HEADER_OFFSETS.forEach(fn);
     add('both headers version 2', 'fail', (b) => hdrs((h) => b.writeUInt16LE(2, h + 66)), 'vhdx_corrupt');

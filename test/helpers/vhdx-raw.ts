@@ -1,6 +1,8 @@
 // A minimal, independent view of VHDX bytes for tests (MS-VHDX §2.2–2.6): where the structures of
 // a *well-formed* image live, their raw fields, and CRC-32C repair after a deliberate mutation.
 // Deliberately separate from core/vhdx so a shared misreading cannot hide in both.
+import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
+
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
 
@@ -332,4 +334,16 @@ export function craftDirtyLog(input: Buffer, opts: { block: number; byte: number
     zeroedVirtual = { offset: blockNo * l.blockSize + 8192, length: 4096 };
   }
   return { bytes: b, logGuid, block: opts.block, byte: opts.byte, zeroed: zeroedVirtual };
+}
+
+/** The first `n` bytes of a file (all of it when shorter). */
+export function fileHead(path: string, n: number): Buffer {
+  const fd = openSync(path, 'r');
+  try {
+    const buf = Buffer.alloc(Math.min(n, fstatSync(fd).size));
+    readSync(fd, buf, 0, buf.length, 0);
+    return buf;
+  } finally {
+    closeSync(fd);
+  }
 }

@@ -13,21 +13,11 @@ import { convertRawToVhdx, convertVhdxToRaw, createVhdx, openVhdx, parseSize, PA
 import { ShieldError } from '../../core/errors.ts';
 import { cliJson, runCli, tempDir } from '../helpers/home.ts';
 import { MiB, makeImage, qemuImg, qemuInfo, qemuIo, qemuMissing, vhdiinfo, vhdiMissing } from '../helpers/qemu.ts';
-import { GUIDS, rawBat, rawLayout } from '../helpers/vhdx-raw.ts';
+import { GUIDS, rawBat, rawLayout, fileHead } from '../helpers/vhdx-raw.ts';
 import { rng } from '../helpers/random.ts';
 
 const skip = qemuMissing() ?? vhdiMissing() ?? false;
 
-function prefix(path: string, n: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const buf = Buffer.alloc(Math.min(n, statSync(path).size));
-    readSync(fd, buf, 0, buf.length, 0);
-    return buf;
-  } finally {
-    closeSync(fd);
-  }
-}
 
 function qemuCheckClean(path: string): void {
   const out = qemuImg(['check', '-f', 'vhdx', path]); // exits non-zero on any error or leak
@@ -81,7 +71,7 @@ test('images we create pass qemu-img check, qemu-img info, vhdiinfo and our read
     const blocks = Math.ceil(c.size / c.blockSize);
 
     // Raw structure bytes, read independently of core/vhdx.
-    const raw = rawLayout(prefix(path, 8 * MiB));
+    const raw = rawLayout(fileHead(path, 8 * MiB));
     assert.equal(raw.creator, 'ShieldLab 0.1.0', label);
     assert.ok(raw.headers[0].valid && raw.headers[1].valid, label);
     assert.equal(raw.headers[1].sequenceNumber, raw.headers[0].sequenceNumber + 1n);
@@ -90,14 +80,14 @@ test('images we create pass qemu-img check, qemu-img info, vhdiinfo and our read
     assert.equal(raw.current.logOffset, MiB);
     assert.equal(raw.current.logLength, MiB);
     assert.deepEqual(raw.regions.map((r) => r.required), [1, 1], 'regions Required = 1, as Hyper-V writes them');
-    assert.deepEqual(prefix(path, 0x40000 + 0x10000).subarray(0x30000, 0x40000), prefix(path, 0x50000).subarray(0x40000, 0x50000), 'both region tables identical');
+    assert.deepEqual(fileHead(path, 0x40000 + 0x10000).subarray(0x30000, 0x40000), fileHead(path, 0x50000).subarray(0x40000, 0x50000), 'both region tables identical');
     assert.deepEqual(
       raw.items.map((x) => [x.itemId, x.flags]),
       [[GUIDS.fileParameters, 4], [GUIDS.virtualDiskSize, 6], [GUIDS.virtualDiskId, 6], [GUIDS.logicalSectorSize, 6], [GUIDS.physicalSectorSize, 6]],
     );
     assert.equal(raw.blockSize, c.blockSize);
     assert.equal(raw.flags, c.type === 'fixed' ? 1 : 0);
-    const bat = rawBat(prefix(path, 8 * MiB), raw);
+    const bat = rawBat(fileHead(path, 8 * MiB), raw);
     if (c.type === 'fixed') {
       const offsets = bat.map((e) => e.fileOffset);
       assert.ok(bat.every((e) => e.state === PAYLOAD_STATE.FULLY_PRESENT), label);
@@ -154,7 +144,7 @@ test('4096-byte logical sectors: vhdiinfo and our reader agree (qemu cannot open
     assert.equal(vi.mediaSize, 100 * MiB + 4096);
     assert.equal(vi.bytesPerSector, 4096);
     assert.equal(vi.diskType, type);
-    const raw = rawLayout(prefix(path, 8 * MiB));
+    const raw = rawLayout(fileHead(path, 8 * MiB));
     assert.equal(raw.logicalSectorSize, 4096);
     const img = await openVhdx(path);
     assert.equal(img.info.metadata.logicalSectorSize, 4096);

@@ -12,7 +12,7 @@ import { openVhdx } from '../../core/vhdx/mod.ts';
 import { ShieldError } from '../../core/errors.ts';
 import { cliJson, runCli, tempDir } from '../helpers/home.ts';
 import { MiB, makeImage, qemuImg, qemuInfo, qemuIo, qemuMissing, qemuVersion, rawBytes, vhdiinfo, vhdiMissing, type Image, type ImageSpec } from '../helpers/qemu.ts';
-import { GUIDS, PAYLOAD_STATES, craftDirtyLog, rawBat, rawLayout } from '../helpers/vhdx-raw.ts';
+import { GUIDS, PAYLOAD_STATES, craftDirtyLog, rawBat, rawLayout, fileHead } from '../helpers/vhdx-raw.ts';
 import { rng } from '../helpers/random.ts';
 
 const skip = qemuMissing() ?? vhdiMissing() ?? false;
@@ -130,19 +130,9 @@ function touchedBlocks(spec: ImageSpec, blockSize: number): Set<number> {
 /** The first 16 MiB (where every structure of these images lives), size and mtime. */
 function fingerprint(path: string): string {
   const st = statSync(path);
-  return `${st.size}:${st.mtimeMs}:${createHash('sha256').update(head(path, 16 * MiB)).digest('hex')}`;
+  return `${st.size}:${st.mtimeMs}:${createHash('sha256').update(fileHead(path, 16 * MiB)).digest('hex')}`;
 }
 
-function head(path: string, n: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const buf = Buffer.alloc(Math.min(n, fstatSync(fd).size));
-    readSync(fd, buf, 0, buf.length, 0);
-    return buf;
-  } finally {
-    closeSync(fd);
-  }
-}
 
 async function expectCode(p: Promise<unknown>, code: string, what: string): Promise<void> {
   await assert.rejects(p, (err: unknown) => {
@@ -155,7 +145,7 @@ async function expectCode(p: Promise<unknown>, code: string, what: string): Prom
 async function checkImage(img: Image, version: string): Promise<void> {
   const { spec } = img;
   const expected = rawBytes(img);
-  const fileBytes = head(img.path, 16 * MiB); // every structure of a qemu-made image
+  const fileBytes = fileHead(img.path, 16 * MiB); // every structure of a qemu-made image
   const layout = rawLayout(fileBytes);
   const before = fingerprint(img.path);
   const q = qemuInfo(img.path);
