@@ -142,7 +142,8 @@ export const HostStatus = z.object({
 
 export const VhdxCreated = z.object({
   file: z.string(),
-  type: z.enum(['fixed', 'dynamic']),
+  type: z.enum(['fixed', 'dynamic', 'differencing']),
+  parent: z.string().optional(),
   virtualSize: z.number(),
   blockSize: z.number(),
   logicalSectorSize: z.number(),
@@ -190,7 +191,43 @@ export const VhdxInfo = z.object({
   }),
   bat: z.object({ entries: z.number(), payloadBlocks: z.number(), chunkRatio: z.number(), states: z.record(z.string(), z.number()) }),
   logDirty: z.boolean(),
+  parent: z
+    .object({
+      locator: z.record(z.string(), z.string()),
+      path: z.string().nullable(),
+      foundBy: z.string().nullable(),
+      linkage: z.string().nullable(),
+      dataWriteGuid: z.string().nullable(),
+      skipped: z.array(z.string()),
+      chain: z.array(z.object({ path: z.string(), type: z.enum(['fixed', 'dynamic', 'differencing']), virtualSize: z.number(), dataWriteGuid: z.string() })),
+    })
+    .nullable(),
 });
+
+const VhdxCheckReport = z.object({
+  type: z.enum(['fixed', 'dynamic', 'differencing']),
+  virtualSize: z.number(),
+  blockSize: z.number(),
+  fileSize: z.number(),
+  checkedBlocks: z.number(),
+  findings: z.array(
+    z.object({
+      code: z.string(),
+      severity: z.enum(['error', 'leak', 'warning']),
+      message: z.string(),
+      repairable: z.boolean(),
+      repaired: z.boolean(),
+      count: z.number(),
+      bytes: z.number().optional(),
+    }),
+  ),
+  summary: z.object({ errors: z.number(), leaks: z.number(), leakedBytes: z.number(), warnings: z.number(), repairable: z.number(), repaired: z.number() }),
+  cannotRepair: z.string().nullable(),
+});
+
+export const VhdxChecked = z.object({ file: z.string(), repair: z.boolean(), before: VhdxCheckReport, after: VhdxCheckReport.nullable() });
+
+export const VhdxResized = z.object({ file: z.string(), oldSize: z.number(), newSize: z.number(), batMoved: z.boolean() });
 
 const guardianName = z.string().min(1).max(64);
 
@@ -478,21 +515,25 @@ export const contract = {
     needs: 'unlocked',
   }),
   'vhdx.info': method({
-    summary: 'Every header field of a VHDX file: headers, regions, metadata, block states',
+    summary: 'Every header field of a VHDX file: headers, regions, metadata, block states, a differencing disk\'s parent chain',
     cli: { path: ['vhdx', 'info'], positional: ['file'] },
-    args: z.object({ file: path }),
+    args: z.object({
+      file: path,
+      parent: path.optional().describe("a differencing disk's parent file, instead of the paths its parent locator names (still identity-checked)"),
+    }),
     result: VhdxInfo,
     needs: 'nothing',
   }),
   'vhdx.create': method({
-    summary: 'Create an empty VHDX: dynamic (default) or fixed, laid out as Hyper-V does',
+    summary: 'Create an empty VHDX: dynamic (default), fixed, or differencing over a parent (--parent), laid out as Hyper-V does',
     cli: { path: ['vhdx', 'create'], positional: ['file'] },
     args: z.object({
       file: path,
-      size: z.string().min(1).max(40).describe('virtual disk size: bytes or with a suffix (512K, 10M, 1G, 2T)'),
+      size: z.string().min(1).max(40).optional().describe('virtual disk size: bytes or with a suffix (512K, 10M, 1G, 2T); with --parent, the parent\'s'),
       fixed: z.boolean().default(false).describe('a fixed disk: every block allocated up front'),
-      blockSize: z.string().min(1).max(40).optional().describe('block size, a power of two from 1M to 256M (default 32M)'),
-      logicalSector: z.number().int().optional().describe('logical sector size, 512 or 4096 (default 512)'),
+      parent: path.optional().describe('a differencing disk over this VHDX: it reads as the parent until written (size and sector size from the parent)'),
+      blockSize: z.string().min(1).max(40).optional().describe('block size, a power of two from 1M to 256M (default 32M; 2M with --parent)'),
+      logicalSector: z.number().int().optional().describe('logical sector size, 512 or 4096 (default 512; with --parent, the parent\'s)'),
     }),
     result: VhdxCreated,
     needs: 'nothing',
@@ -512,6 +553,24 @@ export const contract = {
     result: VhdxConverted,
     needs: 'nothing',
     progress: true,
+  }),
+  'vhdx.check': method({
+    summary: 'Check a VHDX like qemu-img check (exit 0 clean, 2 errors, 3 leaks only); --repair fixes what it can, then checks again',
+    cli: { path: ['vhdx', 'check'], positional: ['file'] },
+    args: z.object({
+      file: path,
+      repair: z.boolean().default(false).describe('repair: replay the log, rewrite damaged header and region table copies, drop bad BAT entries (they read as zeros), cut leaked space off the end'),
+    }),
+    result: VhdxChecked,
+    needs: 'nothing',
+    progress: true,
+  }),
+  'vhdx.resize': method({
+    summary: 'Grow a fixed or dynamic VHDX in place (moving the BAT when it must); shrinking is refused',
+    cli: { path: ['vhdx', 'resize'], positional: ['file'] },
+    args: z.object({ file: path, size: z.string().min(1).max(40).describe('the new virtual disk size: bytes or with a suffix (10M, 20G, 2T)') }),
+    result: VhdxResized,
+    needs: 'nothing',
   }),
 } as const;
 

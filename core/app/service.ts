@@ -9,7 +9,7 @@ import { z } from 'zod';
 import { contract, isMethodName, type AppEvent, type MethodName, type ParsedArgs, type ProgressEvent, type Result, type VaultStatus } from './contract.ts';
 import { ShieldError, toShieldError } from '../errors.ts';
 import { guardianHandlers } from './guardian-handlers.ts';
-import { convertRawToVhdx, convertVhdxToRaw, createVhdx, openVhdx, parseSize } from '../vhdx/mod.ts';
+import { checkVhdx, convertRawToVhdx, convertVhdxToRaw, createDifferencingVhdx, createVhdx, openVhdx, parseSize, resizeVhdx } from '../vhdx/mod.ts';
 import { GuardianStore } from '../guardian/store.ts';
 import { OsKeychain, Vault, restoreBackup, writeBackup, type Keychain, type Protection } from '../vault/mod.ts';
 
@@ -294,7 +294,7 @@ export class ShieldLabApp {
     ...guardianHandlers(() => this.unlocked()),
 
     'vhdx.info': async (args) => {
-      const image = await openVhdx(args.file);
+      const image = await openVhdx(args.file, args.parent !== undefined ? { parent: args.parent } : {});
       try {
         return image.info;
       } finally {
@@ -304,6 +304,8 @@ export class ShieldLabApp {
 
     'vhdx.create': async (args) => {
       const blockSize = args.blockSize === undefined ? undefined : parseSize(args.blockSize, 'block size');
+      if (args.parent !== undefined) return createDifferencing(args.file, args.parent, { ...args, blockSize });
+      if (args.size === undefined) throw new ShieldError('invalid_argument', 'Give the disk size with --size (or --parent for a differencing disk).');
       return createVhdx(args.file, {
         size: parseSize(args.size, 'disk size'),
         type: args.fixed ? 'fixed' : 'dynamic',
@@ -334,12 +336,37 @@ export class ShieldLabApp {
       return { ...r, from, to };
     },
 
+    'vhdx.check': async (args, ctx) =>
+      checkVhdx(args.file, { repair: args.repair, onProgress: (phase, done, total) => this.progress(ctx, 'vhdx.check', `${phase} the BAT`, 'bytes')(done, total) }),
+
+    'vhdx.resize': async (args) => resizeVhdx(args.file, parseSize(args.size, 'disk size')),
+
     'vault.settings': async (args) => {
       const v = this.unlocked();
       if (args.autoLockMinutes !== undefined) v.setAutoLock(args.autoLockMinutes);
       return { autoLockMinutes: v.autoLockMinutes() };
     },
   };
+}
+
+/**
+ * `vhdx create F --parent P`: size and logical sector size come from the parent, so --size and
+ * --logical-sector are accepted only when they agree with it; --fixed makes no sense for a child.
+ */
+async function createDifferencing(file: string, parent: string, args: { size?: string | undefined; fixed: boolean; blockSize: number | undefined; logicalSector?: number | undefined }) {
+  if (args.fixed) throw new ShieldError('invalid_argument', '--fixed and --parent exclude each other: a differencing disk holds only what differs from its parent.');
+  if (args.size !== undefined || args.logicalSector !== undefined) {
+    const p = await openVhdx(parent);
+    const { virtualSize, logicalSectorSize } = p.info.metadata;
+    await p.close();
+    if (args.size !== undefined && parseSize(args.size, 'disk size') !== virtualSize) {
+      throw new ShieldError('invalid_argument', `--size ${args.size} differs from the parent's ${virtualSize} bytes: a differencing disk has its parent's size (leave --size out).`);
+    }
+    if (args.logicalSector !== undefined && args.logicalSector !== logicalSectorSize) {
+      throw new ShieldError('invalid_argument', `--logical-sector ${args.logicalSector} differs from the parent's ${logicalSectorSize}: a differencing disk has its parent's sector size.`);
+    }
+  }
+  return createDifferencingVhdx(file, parent, args.blockSize !== undefined ? { blockSize: args.blockSize } : {});
 }
 
 /** raw or vhdx by file extension; anything else needs --from / --to. */

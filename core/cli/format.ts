@@ -89,17 +89,92 @@ export function formatHuman(method: MethodName, result: unknown): string {
       return `Deleted ${String(r.name)}.\n`;
     case 'vault.put':
       return `${r.created ? 'Stored' : 'Updated'} ${String(r.name)} (version ${String(r.version)}).\n`;
+    case 'vhdx.info': {
+      const { parent, ...rest } = r;
+      const p = parent as { locator: Record<string, string>; path: string | null; foundBy: string | null; linkage: string | null; dataWriteGuid: string | null; skipped: string[]; chain: Row[] } | null;
+      if (!p) return keyValues(rest);
+      return [
+        keyValues(rest).trimEnd(),
+        `parent: ${p.path ?? '(not open)'}${p.foundBy ? ` (found by ${p.foundBy}; its DataWriteGuid ${String(p.dataWriteGuid)} matches ${String(p.linkage)})` : ''}`,
+        ...Object.entries(p.locator).map(([k, v]) => `  locator ${k}: ${v}`),
+        ...p.skipped.map((x) => `  passed over: ${x}`),
+        'parent chain (parent first):',
+        ...p.chain.map((c, i) => `  ${i + 1}. ${String(c.path)}: ${String(c.type)}, ${String(c.virtualSize)} bytes, DataWriteGuid ${String(c.dataWriteGuid)}`),
+        '',
+      ].join('\n');
+    }
     case 'vhdx.create':
+      if (r.type === 'differencing') {
+        return `Created ${String(r.file)}: differencing VHDX over ${String(r.parent)}, ${String(r.virtualSize)} bytes, ${Number(r.blockSize) / 1048576} MiB blocks, ${String(r.logicalSectorSize)}/${String(r.physicalSectorSize)}-byte logical/physical sectors (file ${String(r.fileSize)} bytes).\n`;
+      }
       return `Created ${String(r.file)}: ${String(r.type)} VHDX, ${String(r.virtualSize)} bytes, ${Number(r.blockSize) / 1048576} MiB blocks, ${String(r.logicalSectorSize)}/${String(r.physicalSectorSize)}-byte logical/physical sectors (file ${String(r.fileSize)} bytes).\n`;
     case 'vhdx.convert':
       return `Converted ${String(r.input)} (${String(r.from)}) to ${String(r.output)} (${String(r.to)}): ${String(r.virtualSize)} bytes, ${String(r.dataBlocks)} of ${String(r.blocks)} blocks hold data (file ${String(r.fileSize)} bytes).\n`;
+    case 'vhdx.check':
+      return formatCheck(r as unknown as CheckOutput);
+    case 'vhdx.resize':
+      return `Resized ${String(r.file)}: ${String(r.oldSize)} → ${String(r.newSize)} bytes${r.batMoved ? ' (the BAT moved to a larger region at the end of the file)' : ''}.\n`;
     default:
       return keyValues(r);
   }
 }
 
-/** A verification that found problems is a failed operation (exit 1), though the call itself worked. */
+interface CheckReportOut {
+  type: string;
+  virtualSize: number;
+  fileSize: number;
+  checkedBlocks: number;
+  findings: { code: string; severity: string; message: string; repairable: boolean; repaired: boolean; count: number }[];
+  summary: { errors: number; leaks: number; leakedBytes: number; warnings: number; repairable: number; repaired: number };
+  cannotRepair: string | null;
+}
+interface CheckOutput {
+  file: string;
+  repair: boolean;
+  before: CheckReportOut;
+  after: CheckReportOut | null;
+}
+
+function formatCheck(r: CheckOutput): string {
+  const plural = (n: number, word: string) => `${n} ${word}${n === 1 ? '' : 's'}`;
+  const report = (c: CheckReportOut, showRepair: boolean) => {
+    const lines = c.findings.map((f) => {
+      const tag = f.repaired ? ' [repaired]' : showRepair && f.repairable ? ' [repairable]' : '';
+      return `  ${f.severity.toUpperCase().padEnd(7)} ${f.code}: ${f.message}${tag}`;
+    });
+    const { errors, leaks, leakedBytes, warnings } = c.summary;
+    lines.push(
+      errors + leaks + warnings === 0
+        ? '  No errors were found on the image.'
+        : `  ${plural(errors, 'error')}, ${plural(leaks, 'leak')}${leakedBytes ? ` (${leakedBytes} bytes)` : ''}, ${plural(warnings, 'warning')}.`,
+    );
+    return lines.join('\n');
+  };
+  const b = r.before;
+  const out = [`${r.file}: ${b.type} VHDX, ${b.virtualSize} bytes, ${b.checkedBlocks} blocks checked (file ${b.fileSize} bytes).`];
+  if (!r.after) {
+    out.push(report(b, true));
+    if (b.summary.repairable > 0) out.push(`${b.summary.repairable} of these can be repaired: run again with --repair.`);
+    if (b.cannotRepair) out.push(`Cannot repair: ${b.cannotRepair}.`);
+  } else {
+    out.push('Before repair:', report(b, false));
+    if (b.cannotRepair) out.push(`Cannot repair: ${b.cannotRepair}.`);
+    out.push(`After repair (${b.summary.repaired} repaired):`, report(r.after, false));
+  }
+  return `${out.join('\n')}\n`;
+}
+
+/**
+ * A verification that found problems is a failed operation (exit 1), though the call itself worked.
+ * `vhdx check` exits as `qemu-img check` does: 2 when errors remain (after --repair: unrepaired
+ * ones), 3 when only leaks remain, 0 when clean (warnings do not count).
+ */
 export function exitStatusFor(method: MethodName, result: unknown): number {
+  if (method === 'vhdx.check') {
+    const c = result as CheckOutput;
+    const s = (c.after ?? c.before).summary;
+    return s.errors > 0 ? 2 : s.leaks > 0 ? 3 : 0;
+  }
   if (method === 'kp.release' && !(result as { allowed: boolean }).allowed) return 1;
   if (method === 'vault.audit') {
     const v = (result as { verification?: { ok: boolean } }).verification;

@@ -40,6 +40,8 @@ export function httpStatusFor(code: ErrorCode): number {
     case 'kp_invalid':
     case 'vhdx_corrupt':
     case 'vhdx_unsupported':
+    case 'vhdx_parent_invalid':
+    case 'shield_invalid':
     case 'pfx_invalid':
     case 'guardian_invalid':
       return 400;
@@ -53,6 +55,8 @@ export function httpStatusFor(code: ErrorCode): number {
     case 'kp_untrusted_owner':
     case 'kp_not_owner':
     case 'kp_unwrap_denied':
+    case 'shield_key_mismatch':
+    case 'shield_tampered':
     case 'release_denied':
     case 'health_certificate_invalid':
     case 'attestation_failed':

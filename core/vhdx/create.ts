@@ -3,11 +3,12 @@
 // `${path}.partial` and published only when complete (hard link, so an existing file is never
 // replaced; rename where links are not supported). Nothing can see it half-made, so no log is needed.
 import { randomUUID } from 'node:crypto';
-import { link, open, rename, rm, type FileHandle } from 'node:fs/promises';
-import { dirname } from 'node:path';
+import { link, open, realpath, rename, rm, type FileHandle } from 'node:fs/promises';
+import { dirname, relative, resolve, sep } from 'node:path';
 import { ShieldError, toShieldError } from '../errors.ts';
 import { crc32c } from './crc32c.ts';
 import { writeGuid } from './guid.ts';
+import { VhdxImage } from './reader.ts';
 import {
   HEADER_OFFSETS,
   HEADER_SECTION,
@@ -20,6 +21,7 @@ import {
   REGION,
   REGION_TABLE_OFFSETS,
   REGION_TABLE_SIZE,
+  buildParentLocator,
 } from './structures.ts';
 
 /** Written into the file type identifier's Creator field (diagnostic only). */
@@ -61,7 +63,9 @@ export interface Layout {
 
 export interface CreatedVhdx {
   file: string;
-  type: VhdxType;
+  type: VhdxType | 'differencing';
+  /** A differencing disk's parent (absolute path). */
+  parent?: string;
   virtualSize: number;
   blockSize: number;
   logicalSectorSize: number;
@@ -169,9 +173,13 @@ export function headerSection(l: Layout, guids: { fileWrite: string; dataWrite: 
   return buf;
 }
 
-/** The metadata table and the five system items, packed at +64 KiB as qemu and Hyper-V do. */
-export function metadataRegion(l: Layout, virtualDiskId: string): Buffer {
-  const buf = Buffer.alloc(METADATA_TABLE_SIZE + 0x28);
+/**
+ * The metadata table and the five system items, packed at +64 KiB as qemu and Hyper-V do; with a
+ * parent locator (a differencing disk), HasParent is set and the locator follows at +0x10028
+ * (IsRequired), where Hyper-V puts it.
+ */
+export function metadataRegion(l: Layout, virtualDiskId: string, parentLocator?: Buffer): Buffer {
+  const buf = Buffer.alloc(METADATA_TABLE_SIZE + 0x28 + (parentLocator?.length ?? 0));
   buf.write('metadata', 0, 'latin1');
   const items: [string, number, number][] = [
     [METADATA_ITEM.FILE_PARAMETERS, 8, 0x4],
@@ -180,6 +188,7 @@ export function metadataRegion(l: Layout, virtualDiskId: string): Buffer {
     [METADATA_ITEM.LOGICAL_SECTOR_SIZE, 4, 0x6],
     [METADATA_ITEM.PHYSICAL_SECTOR_SIZE, 4, 0x6],
   ];
+  if (parentLocator) items.push([METADATA_ITEM.PARENT_LOCATOR, parentLocator.length, 0x4]);
   buf.writeUInt16LE(items.length, 10);
   let offset = METADATA_TABLE_SIZE;
   items.forEach(([id, length, flags], i) => {
@@ -192,11 +201,12 @@ export function metadataRegion(l: Layout, virtualDiskId: string): Buffer {
   });
   const d = METADATA_TABLE_SIZE;
   buf.writeUInt32LE(l.blockSize, d);
-  buf.writeUInt32LE(l.type === 'fixed' ? 1 : 0, d + 4); // LeaveBlockAllocated
+  buf.writeUInt32LE((l.type === 'fixed' ? 1 : 0) | (parentLocator ? 2 : 0), d + 4); // LeaveBlockAllocated, HasParent
   buf.writeBigUInt64LE(BigInt(l.virtualSize), d + 8);
   writeGuid(virtualDiskId, buf, d + 16);
   buf.writeUInt32LE(l.logicalSectorSize, d + 32);
   buf.writeUInt32LE(l.physicalSectorSize, d + 36);
+  parentLocator?.copy(buf, d + 0x28);
   return buf;
 }
 
@@ -362,6 +372,79 @@ export async function createVhdx(path: string, opts: CreateOptions): Promise<Cre
       logicalSectorSize: l.logicalSectorSize,
       physicalSectorSize: l.physicalSectorSize,
       fileSize,
+    };
+  } catch (err) {
+    await out.discard();
+    throw asShieldError(err, `Creating ${path}`);
+  }
+}
+
+export interface DifferencingOptions {
+  /** Bytes, a power of two from 1 to 256 MiB (default 2 MiB, as Hyper-V makes differencing disks). */
+  blockSize?: number;
+  /** 512 or 4096 (default: the parent's). */
+  physicalSectorSize?: number;
+  /** Bytes, a multiple of 1 MiB (default 1 MiB). */
+  logSize?: number;
+}
+
+/**
+ * Creates an empty differencing disk over `parentPath` (MS-VHDX §2.6.2.6): every block
+ * NOT_PRESENT, so it reads exactly as its parent until written. The parent (and its own chain) is
+ * opened and checked first. The child takes the parent's virtual size, logical sector size and
+ * Virtual Disk ID; its parent locator holds parent_linkage (the parent's current DataWriteGuid,
+ * lowercase and braced), relative_path (from the child's folder, Windows separators, ".\" for the
+ * same folder) and absolute_win32_path (the parent's absolute path on this system). The parent
+ * must not change afterwards: a new DataWriteGuid in it orphans the child.
+ */
+export async function createDifferencingVhdx(path: string, parentPath: string, opts: DifferencingOptions = {}): Promise<CreatedVhdx> {
+  const parent = await VhdxImage.open(parentPath);
+  let parentFile: string;
+  let dataWriteGuid: string;
+  let p: (typeof parent.info)['metadata'];
+  try {
+    parentFile = await realpath(parentPath);
+    dataWriteGuid = parent.info.header.dataWriteGuid;
+    p = parent.info.metadata;
+  } finally {
+    await parent.close();
+  }
+  const l = planLayout({
+    size: p.virtualSize,
+    type: 'dynamic',
+    blockSize: opts.blockSize ?? 2 * MiB,
+    logicalSectorSize: p.logicalSectorSize,
+    physicalSectorSize: opts.physicalSectorSize ?? p.physicalSectorSize,
+    ...(opts.logSize !== undefined ? { logSize: opts.logSize } : {}),
+  });
+  const childDir = dirname(resolve(path));
+  const rel = relative(childDir, parentFile).split(sep).join('\\');
+  let locator: Buffer;
+  try {
+    locator = buildParentLocator([
+      ['parent_linkage', `{${dataWriteGuid.toLowerCase()}}`],
+      ['relative_path', rel.startsWith('..') ? rel : `.\\${rel}`],
+      ['absolute_win32_path', parentFile],
+    ]);
+  } catch {
+    throw invalid(`The parent's path is too long for a parent locator: ${parentFile}`);
+  }
+  if (METADATA_TABLE_SIZE + 0x28 + locator.length > l.metadataLength) throw invalid(`The parent's path is too long for a parent locator: ${parentFile}`);
+  const out = await PartialFile.create(path);
+  try {
+    await writeAll(out.fh, headerSection(l, { fileWrite: randomUUID(), dataWrite: randomUUID() }), 0);
+    await writeAll(out.fh, metadataRegion(l, p.virtualDiskId, locator), l.metadataOffset);
+    await out.fh.truncate(l.dataOffset); // the BAT region reads as zeros: every block NOT_PRESENT
+    await out.publish();
+    return {
+      file: path,
+      type: 'differencing',
+      parent: parentFile,
+      virtualSize: l.virtualSize,
+      blockSize: l.blockSize,
+      logicalSectorSize: l.logicalSectorSize,
+      physicalSectorSize: l.physicalSectorSize,
+      fileSize: l.dataOffset,
     };
   } catch (err) {
     await out.discard();

@@ -2,7 +2,7 @@
 // replay it. Used to replay on a read-write open, and in memory on a read-only open (the file is
 // never touched, §2.3.3 footnote 5) — where QEMU refuses.
 import { crc32c } from './crc32c.ts';
-import { readGuid } from './guid.ts';
+import { readGuid, writeGuid } from './guid.ts';
 import { corrupt, MiB } from './structures.ts';
 
 const SECTOR = 4096;
@@ -162,4 +162,58 @@ export function overlay(buf: Buffer, offset: number, writes: readonly LogWrite[]
     if (w.data) w.data.copy(buf, from - offset, from - w.fileOffset, to - w.fileOffset);
     else buf.fill(0, from - offset, to - offset);
   }
+}
+
+/** One 4 KiB sector of new file content, as a log entry carries it. */
+export interface LogSector {
+  fileOffset: number;
+  data: Buffer;
+}
+
+export interface LogEntryInput {
+  sequence: bigint;
+  /** Log offset of the first entry of the sequence this entry ends (itself, for a lone entry). */
+  tail: number;
+  logGuid: string;
+  flushedFileOffset: number;
+  lastFileOffset: number;
+  sectors: readonly LogSector[];
+}
+
+/** Bytes of a log entry holding `n` data sectors: descriptor sectors (64-byte header + 32 per descriptor) then data. */
+export function logEntryLength(n: number): number {
+  return (Math.ceil((n + 2) / 128) + n) * SECTOR;
+}
+
+/** Builds one log entry (§2.3.1): header, one data descriptor and one data sector per 4 KiB written. */
+export function buildLogEntry(e: LogEntryInput): Buffer {
+  const n = e.sectors.length;
+  const descriptorSectors = Math.ceil((n + 2) / 128);
+  const entry = Buffer.alloc(logEntryLength(n));
+  entry.write('loge', 0, 'latin1');
+  entry.writeUInt32LE(entry.length, 8);
+  entry.writeUInt32LE(e.tail, 12);
+  entry.writeBigUInt64LE(e.sequence, 16);
+  entry.writeUInt32LE(n, 24);
+  writeGuid(e.logGuid, entry, 32);
+  entry.writeBigUInt64LE(BigInt(e.flushedFileOffset), 48);
+  entry.writeBigUInt64LE(BigInt(e.lastFileOffset), 56);
+  const seqHigh = Number(e.sequence >> 32n);
+  const seqLow = Number(e.sequence & 0xffffffffn);
+  e.sectors.forEach((s, i) => {
+    if (s.data.length !== SECTOR || s.fileOffset % SECTOR !== 0) throw new Error('log sectors are whole, aligned 4 KiB sectors');
+    const d = ENTRY_HEADER + i * 32;
+    entry.write('desc', d, 'latin1');
+    s.data.copy(entry, d + 4, 4092, 4096); // TrailingBytes
+    s.data.copy(entry, d + 8, 0, 8); // LeadingBytes
+    entry.writeBigUInt64LE(BigInt(s.fileOffset), d + 16);
+    entry.writeBigUInt64LE(e.sequence, d + 24);
+    const at = (descriptorSectors + i) * SECTOR;
+    entry.write('data', at, 'latin1');
+    entry.writeUInt32LE(seqHigh, at + 4);
+    s.data.copy(entry, at + 8, 8, 4092);
+    entry.writeUInt32LE(seqLow, at + 4092);
+  });
+  entry.writeUInt32LE(crc32c(entry), 4);
+  return entry;
 }

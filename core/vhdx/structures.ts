@@ -2,7 +2,7 @@
 // offset is checked against the file before it is used; failures are typed `vhdx_corrupt`.
 import { ShieldError } from '../errors.ts';
 import { structureChecksum } from './crc32c.ts';
-import { NULL_GUID, readGuid } from './guid.ts';
+import { NULL_GUID, readGuid, writeGuid } from './guid.ts';
 
 export const KiB = 1024;
 export const MiB = 1024 * 1024;
@@ -50,6 +50,12 @@ export const PAYLOAD_STATE = {
 } as const;
 
 export const PAYLOAD_STATE_NAMES: Record<number, string> = Object.fromEntries(Object.entries(PAYLOAD_STATE).map(([k, v]) => [v, k]));
+
+/** Sector-bitmap block states (§2.5.1.2): only NOT_PRESENT is legal outside differencing disks. */
+export const SB_STATE = { NOT_PRESENT: 0, PRESENT: 6 } as const;
+
+/** The one parent locator type MS-VHDX defines (§2.6.2.6.1): a VHDX parent. */
+export const VHDX_PARENT_LOCATOR_TYPE = 'b04aefb7-d19e-4a81-b789-25b8e9445913';
 
 export function corrupt(message: string): ShieldError {
   return new ShieldError('vhdx_corrupt', `Damaged VHDX: ${message}.`);
@@ -253,6 +259,76 @@ export function parseDiskParameters(items: MetadataItem[], read: (item: Metadata
     logicalSectorSize,
     physicalSectorSize,
   };
+}
+
+// ---- Parent locator (§2.6.2.6) ---------------------------------------------------------------
+
+export interface ParentLocator {
+  locatorType: string;
+  /** Keys as stored (case-sensitive), in file order. */
+  entries: Record<string, string>;
+}
+
+/** The path keys of a VHDX parent locator, in the order the specification says to search them. */
+export const PARENT_PATH_KEYS = ['relative_path', 'volume_path', 'absolute_win32_path'] as const;
+
+/**
+ * A parent locator item: a 20-byte header (LocatorType, Reserved, KeyValueCount), 12-byte entries
+ * (KeyOffset, ValueOffset relative to the item's start, KeyLength, ValueLength) and UTF-16LE
+ * strings without terminators. Every offset and length is checked against the item.
+ */
+export function parseParentLocator(buf: Buffer): ParentLocator {
+  if (buf.length < 20) throw corrupt(`the parent locator is ${buf.length} bytes (a 20-byte header at least)`);
+  const locatorType = readGuid(buf, 0);
+  if (locatorType !== VHDX_PARENT_LOCATOR_TYPE) throw unsupported(`parent locator type ${locatorType} (only VHDX parents, ${VHDX_PARENT_LOCATOR_TYPE}, are defined)`);
+  const count = buf.readUInt16LE(18);
+  if (20 + 12 * count > buf.length) throw corrupt(`the parent locator claims ${count} entries; its ${buf.length} bytes hold ${Math.floor((buf.length - 20) / 12)}`);
+  const entries: Record<string, string> = {};
+  const text = (offset: number, length: number, what: string): string => {
+    if (length === 0 || length % 2 !== 0) throw corrupt(`parent locator ${what} is ${length} bytes (UTF-16, not empty)`);
+    if (offset + length > buf.length) throw corrupt(`parent locator ${what} (${length} bytes at ${offset}) lies outside the ${buf.length}-byte item`);
+    return buf.toString('utf16le', offset, offset + length);
+  };
+  for (let i = 0; i < count; i++) {
+    const e = 20 + 12 * i;
+    const key = text(buf.readUInt32LE(e), buf.readUInt16LE(e + 8), `key ${i}`);
+    const value = text(buf.readUInt32LE(e + 4), buf.readUInt16LE(e + 10), `value ${i} (${JSON.stringify(key)})`);
+    if (Object.hasOwn(entries, key)) throw corrupt(`the parent locator has the key ${JSON.stringify(key)} twice`);
+    // defineProperty: a key such as "__proto__" stays an ordinary entry.
+    Object.defineProperty(entries, key, { value, enumerable: true, writable: true, configurable: true });
+  }
+  const linkage = entries.parent_linkage;
+  if (linkage === undefined) throw corrupt('the parent locator has no parent_linkage');
+  if (parseLinkageGuid(linkage) === null) throw corrupt(`the parent locator's parent_linkage ${JSON.stringify(linkage.slice(0, 80))} is not a GUID`);
+  if (!PARENT_PATH_KEYS.some((k) => Object.hasOwn(entries, k))) throw corrupt(`the parent locator has no path (${PARENT_PATH_KEYS.join(', ')})`);
+  return { locatorType, entries };
+}
+
+/** The parent locator item for `pairs` (in that order): the inverse of parseParentLocator. */
+export function buildParentLocator(pairs: readonly (readonly [string, string])[]): Buffer {
+  if (pairs.length > 0xffff) throw new RangeError('too many parent locator entries');
+  const strings = pairs.flatMap(([k, v]) => [Buffer.from(k, 'utf16le'), Buffer.from(v, 'utf16le')]);
+  for (const x of strings) if (x.length === 0 || x.length > 0xffff) throw new RangeError('a parent locator key or value is empty or longer than 65535 bytes');
+  const head = 20 + 12 * pairs.length;
+  const buf = Buffer.alloc(head + strings.reduce((n, x) => n + x.length, 0));
+  writeGuid(VHDX_PARENT_LOCATOR_TYPE, buf, 0);
+  buf.writeUInt16LE(pairs.length, 18);
+  let at = head;
+  strings.forEach((x, i) => {
+    const e = 20 + 12 * (i >> 1);
+    buf.writeUInt32LE(at, e + (i & 1) * 4); // KeyOffset, ValueOffset
+    buf.writeUInt16LE(x.length, e + 8 + (i & 1) * 2); // KeyLength, ValueLength
+    x.copy(buf, at);
+    at += x.length;
+  });
+  return buf;
+}
+
+/** "{1B2C…}" (braces optional, any case) → the lowercase GUID, or null when it is not one. */
+export function parseLinkageGuid(text: string): string | null {
+  const g = '[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}';
+  const m = new RegExp(`^(?:\\{(${g})\\}|(${g}))$`).exec(text);
+  return m ? (m[1] ?? m[2]!).toLowerCase() : null;
 }
 
 // ---- Block allocation table (§2.5) -------------------------------------------------------------

@@ -1,7 +1,8 @@
 // Seeded mutation fuzzing of the VHDX reader over real qemu-made images (dynamic, fixed, fixed with
-// ZERO blocks, and one with a dirty log): headers, region tables, metadata, BAT and log mutated,
-// checksums usually fixed so the deeper checks are reached, plus hand-written limit cases. Every
-// case ends in a correct read or a typed ShieldError (vhdx_corrupt / vhdx_unsupported /
+// ZERO blocks, one with a dirty log) and a differencing child crafted over the dynamic one: headers,
+// region tables, metadata, BAT, log, parent locator and sector bitmap mutated, checksums usually
+// fixed so the deeper checks are reached, plus hand-written limit cases. Every case ends in a
+// correct read or a typed ShieldError (vhdx_corrupt / vhdx_unsupported / vhdx_parent_invalid /
 // invalid_argument): never another exception, never a hang (2 s per case), memory bounded.
 // SHIELDLAB_FUZZ_SEED replays a run; SHIELDLAB_FUZZ_ROUNDS scales it; bench/vhdx-fuzz.ts runs long.
 import { test } from 'node:test';

@@ -1,5 +1,6 @@
-// QEMU (qemu-img, qemu-io) and libvhdi (vhdiinfo) as independent VHDX oracles: images made and
-// written by qemu, qemu's own raw conversion of them, and what each tool reports about them.
+// QEMU (qemu-img, qemu-io) and libvhdi (vhdiinfo, and pyvhdi for differencing chains) as
+// independent VHDX oracles: images made and written by qemu, qemu's own raw conversion of them,
+// libvhdi's reading of a chain, and what each tool reports about them.
 // Skips only when the tools are absent and CI is not set; under CI=true they must exist.
 import { execFileSync, spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
@@ -26,6 +27,60 @@ export function vhdiMissing(): string | null {
   return 'needs vhdiinfo (Debian: libvhdi-utils)';
 }
 
+/** Debian's python3-libvhdi, used through the system interpreter (a PATH python may lack it). */
+export const SYSTEM_PYTHON = '/usr/bin/python3';
+
+/** null → pyvhdi is importable by /usr/bin/python3; same CI rule as qemuMissing(). */
+export function pyvhdiMissing(): string | null {
+  if (spawnSync(SYSTEM_PYTHON, ['-c', 'import pyvhdi']).status === 0) return null;
+  if (process.env.CI) throw new Error(`CI=true but ${SYSTEM_PYTHON} cannot import pyvhdi: .ci/run must install python3-libvhdi`);
+  return `needs pyvhdi for ${SYSTEM_PYTHON} (Debian: python3-libvhdi)`;
+}
+
+const PYVHDI_READ = `
+import json, sys, pyvhdi
+out, ranges, paths = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3:]
+files = []
+for p in paths:
+    f = pyvhdi.file()
+    f.open(p)
+    files.append(f)
+for i in range(len(files) - 2, -1, -1):
+    files[i].set_parent(files[i + 1])
+disk = files[0]
+size = disk.get_media_size()
+with open(out, 'wb') as o:
+    for off, n in (ranges or [[0, size]]):
+        done = 0
+        while done < n:
+            k = min(1 << 22, n - done)
+            o.write(disk.read_buffer_at_offset(k, off + done))
+            done += k
+print(json.dumps({'diskType': disk.get_disk_type(), 'mediaSize': size, 'bytesPerSector': disk.get_bytes_per_sector(),
+  'identifier': disk.get_identifier(), 'parentIdentifier': disk.get_parent_identifier(), 'parentFilename': disk.get_parent_filename()}))
+`;
+
+export interface PyvhdiResult {
+  /** pyvhdi.disk_types: 2 fixed, 3 dynamic, 4 differential. */
+  diskType: number;
+  mediaSize: number;
+  bytesPerSector: number;
+  identifier: string;
+  parentIdentifier: string | null;
+  parentFilename: string | null;
+  /** The bytes read: the ranges asked for, one after another (the whole disk by default). */
+  bytes: Buffer;
+}
+
+/**
+ * libvhdi reads a chain: `chain[0]` is the disk, each next file the previous one's parent, joined
+ * with set_parent (libvhdi does not search for parents itself). Writes the bytes to `out`.
+ */
+export function pyvhdiRead(chain: string[], out: string, ranges: [number, number][] = []): PyvhdiResult {
+  const info = JSON.parse(run(SYSTEM_PYTHON, ['-c', PYVHDI_READ, out, JSON.stringify(ranges), ...chain])) as Omit<PyvhdiResult, 'bytes'>;
+  return { ...info, bytes: readFileSync(out) };
+}
+
 function run(tool: string, args: string[]): string {
   try {
     return execFileSync(tool, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], maxBuffer: 64 * MiB });
@@ -50,7 +105,7 @@ export function qemuIo(args: string[]): string {
   return out;
 }
 
-export function vhdiinfo(path: string): { diskType: string; mediaSize: number; bytesPerSector: number; identifier: string; formatVersion: number } {
+export function vhdiinfo(path: string): { diskType: string; mediaSize: number; bytesPerSector: number; identifier: string; formatVersion: number; parentIdentifier: string | null; parentFilename: string | null } {
   const out = run('vhdiinfo', [path]);
   const field = (name: string): string => {
     const m = new RegExp(`^\\s*${name}\\s*:\\s*(.+)$`, 'm').exec(out);
@@ -65,6 +120,8 @@ export function vhdiinfo(path: string): { diskType: string; mediaSize: number; b
     bytesPerSector: Number(/^(\d+)/.exec(field('Bytes per sector'))![1]),
     identifier: field('Identifier').toLowerCase(),
     formatVersion: Number(field('Format version')),
+    parentIdentifier: /^\s*Parent identifier\s*:/m.test(out) ? field('Parent identifier').toLowerCase() : null,
+    parentFilename: /^\s*Parent filename\s*:/m.test(out) ? field('Parent filename') : null,
   };
 }
 

@@ -1,16 +1,17 @@
 // The VHDX fuzz engine, shared by test/fuzz/vhdx.test.ts (short run in `npm test`) and
-// bench/vhdx-fuzz.ts (long run). Real qemu-made images are mutated where the structures live
-// (headers, region tables, metadata, BAT, log) and at random; every case must end in a correct
-// read or a typed ShieldError (vhdx_corrupt / vhdx_unsupported / invalid_argument) — never another
-// exception, a hang or unbounded memory.
+// bench/vhdx-fuzz.ts (long run). Real qemu-made images (and a differencing child crafted over one
+// of them) are mutated where the structures live (headers, region tables, metadata, BAT, log,
+// parent locator, sector bitmap) and at random; every case must end in a correct read or a typed
+// ShieldError (vhdx_corrupt / vhdx_unsupported / vhdx_parent_invalid / invalid_argument) — never
+// another exception, a hang or unbounded memory.
 //
 // Cases run in a worker thread (vhdx-fuzz-worker.ts) so that a synchronous endless loop in the
 // reader is caught too: the main thread watches progress and terminates the worker.
 import { Worker } from 'node:worker_threads';
-import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, copyFileSync, openSync, readFileSync, readSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ShieldError } from '../../core/errors.ts';
-import { openVhdx } from '../../core/vhdx/mod.ts';
+import { openVhdx, type VhdxWritable } from '../../core/vhdx/mod.ts';
 import { mutate, rng } from './random.ts';
 import { makeImage, type ImageSpec } from './qemu.ts';
 import {
@@ -19,6 +20,11 @@ import {
   HEADER_SIZE,
   LOG_SECTOR,
   MiB,
+  bufferView,
+  buildVhdx,
+  identityOf,
+  linuxLocator,
+  locatorItem,
   REGION_TABLE_OFFSETS,
   REGION_TABLE_SIZE,
   craftDirtyLog,
@@ -31,7 +37,7 @@ import {
   type RawLayout,
 } from './vhdx-raw.ts';
 
-export const ALLOWED_CODES = ['vhdx_corrupt', 'vhdx_unsupported', 'invalid_argument'] as const;
+export const ALLOWED_CODES = ['vhdx_corrupt', 'vhdx_unsupported', 'vhdx_parent_invalid', 'invalid_argument'] as const;
 
 /** A base image: its bytes and what a correct reader returns for them. */
 export interface Seed {
@@ -43,6 +49,7 @@ export interface Seed {
 
 export interface SeedData {
   name: string;
+  file: string;
   bytes: Buffer;
   raw: Buffer;
   layout: RawLayout;
@@ -75,13 +82,39 @@ export function makeSeeds(dir: string): Seed[] {
   writeFileSync(file, dirty.bytes);
   writeFileSync(join(dir, 'seed-dirty.raw'), raw);
   seeds.push({ name: 'dirty', file, raw: join(dir, 'seed-dirty.raw') });
+  // Differencing: a child crafted from the spec (vhdx-raw.ts) over the dynamic seed, which stays
+  // untouched in `dir` and is found through the relative path (cases are written into `dir` too).
+  const id = identityOf(dyn.file);
+  const child = buildVhdx({
+    virtualSize: 8 * MiB,
+    blockSize: MiB,
+    logicalSectorSize: 512,
+    virtualDiskId: id.virtualDiskId,
+    locator: linuxLocator(dyn.file, id.dataWriteGuid, '.\\seed-dynamic.vhdx'),
+    blocks: DIFF_BLOCKS,
+  });
+  writeFileSync(join(dir, 'seed-diff.vhdx'), child.bytes);
+  writeFileSync(join(dir, 'seed-diff.raw'), child.view(bufferView(readFileSync(dyn.raw)))(0, 8 * MiB));
+  seeds.push({ name: 'diff', file: join(dir, 'seed-diff.vhdx'), raw: join(dir, 'seed-diff.raw') });
   return seeds;
 }
+
+/** The differencing seed's blocks (1 MiB, 2048 sectors each): every state, bitmap runs across bytes. */
+const DIFF_BLOCKS: Parameters<typeof buildVhdx>[0]['blocks'] = {
+  0: { state: 'full', tag: 1 },
+  1: { state: 'partial', tag: 2, present: [[0, 3], [7, 10], [2047, 1]] },
+  2: { state: 'zero' },
+  4: { state: 'partial', tag: 4, present: [[100, 900]] },
+  5: { state: 'full', tag: 5 },
+  7: { state: 'partial', tag: 7, present: [[2040, 8]] },
+};
+/** Chunk ratio of the differencing seed (512-byte sectors, 1 MiB blocks): its SB entry's BAT index. */
+const DIFF_CHUNK_RATIO = 4096;
 
 export function loadSeeds(seeds: Seed[]): SeedData[] {
   return seeds.map((s) => {
     const bytes = readFileSync(s.file);
-    return { name: s.name, bytes, raw: readFileSync(s.raw), layout: rawLayout(bytes) };
+    return { name: s.name, file: s.file, bytes, raw: readFileSync(s.raw), layout: rawLayout(bytes) };
   });
 }
 
@@ -140,6 +173,23 @@ function fields(s: SeedData): Field[] {
   if (it.physicalSectorSize !== undefined) f.push({ name: 'physicalSectorSize', offset: it.physicalSectorSize, size: 4 });
   if (it.virtualDiskId !== undefined) f.push({ name: 'virtualDiskId', offset: it.virtualDiskId, size: 16 });
   for (let e = 0; e < 10; e++) f.push({ name: `bat[${e}]`, offset: l.batOffset + 8 * e, size: 8 });
+  if (s.name === 'diff') {
+    const pl = it.parentLocator!;
+    f.push({ name: 'locator.count', offset: pl + 18, size: 2 }, { name: 'locator.type', offset: pl, size: 16 });
+    for (let e = 0; e < 3; e++) {
+      const at = pl + 20 + 12 * e;
+      f.push(
+        { name: `locator[${e}].keyOffset`, offset: at, size: 4 },
+        { name: `locator[${e}].valueOffset`, offset: at + 4, size: 4 },
+        { name: `locator[${e}].keyLength`, offset: at + 8, size: 2 },
+        { name: `locator[${e}].valueLength`, offset: at + 10, size: 2 },
+      );
+    }
+    const sb = l.batOffset + 8 * DIFF_CHUNK_RATIO;
+    f.push({ name: 'bat.sectorBitmap', offset: sb, size: 8 });
+    const bitmap = diffBitmapOffset(s);
+    for (const at of [0, 32, 256, 504, 1024]) f.push({ name: `bitmap+${at}`, offset: bitmap + at, size: 8 });
+  }
   if (s.name === 'dirty') {
     const lo = l.current.logOffset;
     f.push(
@@ -209,6 +259,11 @@ function randomGuid(r: () => number): string {
 }
 
 /** Fix the checksums a writer would have computed: headers, region tables, log entries. */
+/** File offset of the differencing seed's sector bitmap block (from its BAT). */
+function diffBitmapOffset(s: SeedData): number {
+  return Number(s.bytes.readBigUInt64LE(s.layout.batOffset + 8 * DIFF_CHUNK_RATIO) >> 20n) * MiB;
+}
+
 function fixChecksums(b: Buffer, s: SeedData): void {
   fixAllChecksums(b);
   if (s.name === 'dirty') {
@@ -242,8 +297,16 @@ function ignorable(s: SeedData): [number, number][] {
   const lastItem = Math.max(...l.items.map((i) => i.offset + i.length));
   const chunkRatio = (2 ** 23 * l.logicalSectorSize) / l.blockSize;
   const blocks = Math.ceil(l.virtualSize / l.blockSize);
-  const batUsed = 8 * (blocks + Math.ceil(blocks / chunkRatio));
+  // A differencing disk uses its sector-bitmap entries, the last chunk's included.
+  const batUsed = 8 * (s.name === 'diff' ? Math.ceil(blocks / chunkRatio) * (chunkRatio + 1) : blocks + Math.ceil(blocks / chunkRatio));
+  // The sectors of a partially present block that its bitmap marks absent: never read.
+  const junk: [number, number][] = [];
+  if (s.name === 'diff') {
+    const block4 = rawBat(s.bytes, l)[4]!.fileOffset;
+    junk.push([block4, block4 + 100 * 512], [block4 + 1000 * 512, block4 + MiB]);
+  }
   return [
+    ...junk,
     [8 + 512, 64 * 1024],
     [320 * 1024, MiB],
     ...REGION_TABLE_OFFSETS.map((t): [number, number] => [t + 16 + 32 * l.regions.length, t + REGION_TABLE_SIZE]),
@@ -291,6 +354,7 @@ export function randomCase(seeds: SeedData[], seed: number, index: number): Fuzz
     } else if (kind <= 7) {
       // Bytes mutated inside a window of the structure area (first 4 MiB), length kept or not.
       const hot = [HEADER_OFFSETS[0], HEADER_OFFSETS[1], REGION_TABLE_OFFSETS[0], REGION_TABLE_OFFSETS[1], s.layout.metadataOffset, s.layout.metadataOffset + 0x10000, s.layout.batOffset, s.layout.current.logOffset];
+      if (s.name === 'diff') hot.push(s.layout.itemAt.parentLocator!, s.layout.itemAt.parentLocator! + 20, s.layout.batOffset + 8 * DIFF_CHUNK_RATIO - 64, diffBitmapOffset(s));
       const start = r() < 0.75 ? hot[Math.floor(r() * hot.length)]! + Math.floor(r() * 256) : Math.floor(r() * Math.min(b.length, 4 * MiB));
       const len = 1 + Math.floor(r() * 512);
       const win = b.subarray(start, Math.min(b.length, start + len));
@@ -376,7 +440,7 @@ export function targetedCases(seeds: SeedData[]): (() => FuzzCase)[] {
     add('logical sector size 4096 (chunk ratio ×8)', 'any', (b) => b.writeUInt32LE(4096, at('logicalSectorSize')));
     add('physical sector size 4096', 'same', (b) => b.writeUInt32LE(4096, at('physicalSectorSize')));
     // File parameter flags
-    add('HasParent without a parent locator', 'fail', (b) => b.writeUInt32LE(b.readUInt32LE(at('fileParameters') + 4) | 2, at('fileParameters') + 4), 'vhdx_corrupt');
+    if (s.name !== 'diff') add('HasParent without a parent locator', 'fail', (b) => b.writeUInt32LE(b.readUInt32LE(at('fileParameters') + 4) | 2, at('fileParameters') + 4), 'vhdx_corrupt');
     add('reserved file-parameter flags set', 'any', (b) => b.writeUInt32LE((0xfffffffc | b.readUInt32LE(at('fileParameters') + 4)) >>> 0, at('fileParameters') + 4));
     // BAT entries (not in the dirty seed: replaying its log rewrites the first BAT sector)
     if (firstPresent >= 0 && s.name !== 'dirty') {
@@ -395,7 +459,7 @@ export function targetedCases(seeds: SeedData[]): (() => FuzzCase)[] {
       add('BAT reserved bits set', 'any', (b) => b.writeBigUInt64LE(b.readBigUInt64LE(e) | 0xfff8n, e));
       for (const st of [1n, 3n, 5n]) add(`BAT state ${st} (reads as zeros)`, 'any', (b) => set(b, 0n, st));
       add('BAT state 4 (reserved)', 'fail', (b) => set(b, BigInt(b.readBigUInt64LE(e) >> 20n), 4n), 'vhdx_corrupt');
-      add('BAT state 7 (partially present, not a differencing disk)', 'fail', (b) => set(b, BigInt(b.readBigUInt64LE(e) >> 20n), 7n));
+      if (s.name !== 'diff') add('BAT state 7 (partially present, not a differencing disk)', 'fail', (b) => set(b, BigInt(b.readBigUInt64LE(e) >> 20n), 7n));
     }
     if (s.name !== 'dirty') add('BAT all FF', 'fail', (b) => b.fill(0xff, l.batOffset, l.batOffset + 4096));
     // Region tables
@@ -513,6 +577,7 @@ export function targetedCases(seeds: SeedData[]): (() => FuzzCase)[] {
     add('file cut inside the last payload block', 'fail', (b) => b.subarray(0, b.length - 4096));
     add('not a VHDX (signature)', 'fail', (b) => b.write('vhdxfilf', 0, 'latin1'), 'vhdx_corrupt');
 
+    if (s.name === 'diff') diffCases(s, add);
     if (s.name === 'dirty') {
       const lo = l.current.logOffset;
       const e2 = lo + 2 * LOG_SECTOR;
@@ -546,6 +611,69 @@ export function targetedCases(seeds: SeedData[]): (() => FuzzCase)[] {
     }
   }
   return out;
+}
+
+type AddCase = (name: string, expect: FuzzCase['expect'], edit: (b: Buffer) => unknown, code?: FuzzCase['code'], flip?: number[]) => void;
+
+/** The differencing seed's own limits: its parent locator, its sector bitmap, its parent. */
+function diffCases(s: SeedData, add: AddCase): void {
+  const l = s.layout;
+  const pl = l.itemAt.parentLocator!;
+  const plEntry = l.metadataOffset + 32 + 32 * l.items.findIndex((x) => x.itemId === GUIDS.parentLocator);
+  const fp = l.itemAt.fileParameters!;
+  const sbEntry = l.batOffset + 8 * DIFF_CHUNK_RATIO;
+  const bitmap = diffBitmapOffset(s);
+  const dwg = identityOf(join(dirnameOf(s), 'seed-dynamic.vhdx')).dataWriteGuid;
+  /** Replaces the locator item (it is the last item: room to grow). */
+  const locator = (pairs: [string, string][], type?: string) => (b: Buffer) => {
+    const item = locatorItem(pairs, type);
+    b.fill(0, pl, pl + 4096);
+    item.copy(b, pl);
+    b.writeUInt32LE(item.length, plEntry + 20);
+  };
+  const linkage: [string, string] = ['parent_linkage', `{${dwg}}`];
+  add('HasParent cleared (partially present blocks in a disk without a parent)', 'fail', (b) => b.writeUInt32LE(0, fp + 4), 'vhdx_corrupt');
+  add('locator: parent_linkage of another disk', 'fail', locator([['parent_linkage', '{0badc0de-0000-4000-8000-000000000000}'], ['relative_path', '.\\seed-dynamic.vhdx']]), 'vhdx_parent_invalid');
+  add('locator: parent_linkage2 matches instead', 'same', locator([['parent_linkage', '{0badc0de-0000-4000-8000-000000000000}'], ['relative_path', '.\\seed-dynamic.vhdx'], ['parent_linkage2', `{${dwg.toUpperCase()}}`]]));
+  add('locator: relative path names the case file itself (a cycle)', 'fail', locator([linkage, ['relative_path', '.\\case.vhdx']]), 'vhdx_parent_invalid');
+  add('locator: the parent\'s folder as the path', 'fail', locator([linkage, ['relative_path', '.\\'], ['absolute_win32_path', dirnameOf(s)]]), 'vhdx_parent_invalid');
+  add('locator: /dev/zero as the parent', 'fail', locator([linkage, ['absolute_win32_path', '/dev/zero']]), 'vhdx_parent_invalid');
+  add('locator: only Windows paths', 'fail', locator([linkage, ['absolute_win32_path', 'C:\\seeds\\seed-dynamic.vhdx'], ['volume_path', '\\\\?\\Volume{00000000-0000-0000-0000-000000000000}\\x.vhdx']]), 'vhdx_parent_invalid');
+  add('locator: a NUL in the relative path, the absolute one right', 'same', locator([linkage, ['relative_path', '.\\seed\0.vhdx'], ['absolute_win32_path', join(dirnameOf(s), 'seed-dynamic.vhdx')]]));
+  add('locator: 8 values of 60 KB and no path', 'fail', locator([linkage, ...Array.from({ length: 8 }, (_, i): [string, string] => [`k${i}`, 'x'.repeat(30000)])]));
+  add('locator: type unknown', 'fail', locator([linkage, ['relative_path', '.\\seed-dynamic.vhdx']], '0badc0de-1111-4222-8333-444455556666'), 'vhdx_unsupported');
+  add('locator: no parent_linkage', 'fail', locator([['relative_path', '.\\seed-dynamic.vhdx']]), 'vhdx_corrupt');
+  add('locator: a key twice', 'fail', locator([linkage, linkage, ['relative_path', '.\\seed-dynamic.vhdx']]), 'vhdx_corrupt');
+  add('locator: count 65535', 'fail', (b) => b.writeUInt16LE(0xffff, pl + 18), 'vhdx_corrupt');
+  add('locator: count 0', 'fail', (b) => b.writeUInt16LE(0, pl + 18), 'vhdx_corrupt');
+  add('locator: value offset 2^32-1', 'fail', (b) => b.writeUInt32LE(0xffffffff, pl + 24), 'vhdx_corrupt');
+  add('locator: key length 65535', 'fail', (b) => b.writeUInt16LE(0xffff, pl + 28), 'vhdx_corrupt');
+  add('locator: item length 0', 'fail', (b) => b.writeUInt32LE(0, plEntry + 20), 'vhdx_corrupt');
+  add('locator: item length 19', 'fail', (b) => b.writeUInt32LE(19, plEntry + 20), 'vhdx_corrupt');
+  add('locator item id changed (required, unknown)', 'fail', (b) => writeGuid(b, plEntry, '0badc0de-2222-4333-8444-555555555555'), 'vhdx_unsupported');
+  add('sector bitmap entry NOT_PRESENT (partial blocks remain)', 'fail', (b) => b.writeBigUInt64LE(b.readBigUInt64LE(sbEntry) & ~7n, sbEntry), 'vhdx_corrupt');
+  add('sector bitmap entry state 7', 'fail', (b) => b.writeBigUInt64LE(b.readBigUInt64LE(sbEntry) | 7n, sbEntry), 'vhdx_corrupt');
+  add('sector bitmap beyond EOF', 'fail', (b) => b.writeBigUInt64LE((BigInt(Math.ceil(b.length / MiB) + 1) << 20n) | 6n, sbEntry), 'vhdx_corrupt');
+  add('sector bitmap offset 2^44-1 MiB', 'fail', (b) => b.writeBigUInt64LE(((1n << 44n) - 1n) << 20n | 6n, sbEntry), 'vhdx_corrupt');
+  add('sector bitmap on payload block 0', 'fail', (b) => b.writeBigUInt64LE((b.readBigUInt64LE(l.batOffset) & ~7n) | 6n, sbEntry), 'vhdx_corrupt');
+  add('sector bitmap on the metadata region', 'fail', (b) => b.writeBigUInt64LE((BigInt(l.metadataOffset / MiB) << 20n) | 6n, sbEntry), 'vhdx_corrupt');
+  add('sector bitmap all ones (junk sectors become data)', 'any', (b) => b.fill(0xff, bitmap, bitmap + MiB));
+  add('sector bitmap all zeros (partial blocks read the parent)', 'any', (b) => b.fill(0, bitmap, bitmap + MiB));
+  add('sector bitmap bits of full, zero and absent blocks set (never consulted)', 'same', (b) => {
+    for (const block of [0, 2, 3, 5, 6]) b.fill(0xff, bitmap + block * 256, bitmap + (block + 1) * 256);
+  });
+  add('sector bitmap of a second chunk present though the disk has one', 'any', (b) => b.writeBigUInt64LE((BigInt(Math.ceil(b.length / MiB)) << 20n) | 6n, l.batOffset + 8 * (2 * DIFF_CHUNK_RATIO + 1)));
+  add('virtual size 16 MiB (twice the parent\'s: zeros past its end)', 'any', (b) => b.writeBigUInt64LE(BigInt(16 * MiB), l.itemAt.virtualDiskSize!));
+  add('virtual disk id changed (not an identity check)', 'same', (b) => writeGuid(b, l.itemAt.virtualDiskId!, '0badc0de-3333-4444-8555-666666666666'));
+  add('a second differencing level: the seed names itself as its parent via its DataWriteGuid', 'fail', (b) => {
+    for (const h of HEADER_OFFSETS) writeGuid(b, h + 32, dwg);
+    locator([linkage, ['relative_path', '.\\case.vhdx'], ['absolute_win32_path', join(dirnameOf(s), 'case.vhdx')]])(b);
+  }, 'vhdx_parent_invalid');
+}
+
+/** The folder of the seeds (and of the case files). */
+function dirnameOf(s: SeedData): string {
+  return s.file.slice(0, s.file.lastIndexOf('/'));
 }
 
 /**
@@ -685,6 +813,8 @@ export async function runCase(path: string, expectRaw: Buffer | null): Promise<O
         if (!(err instanceof ShieldError) || err.code !== 'invalid_argument') throw new UntypedFailure(`${step}: ${String(err)} (want invalid_argument)`);
       }
     }
+    step = 'read-write';
+    await writePhase(path, size);
     return { ok: true, same };
   } catch (err) {
     if (err instanceof UntypedFailure) throw err;
@@ -696,6 +826,76 @@ export async function runCase(path: string, expectRaw: Buffer | null): Promise<O
       // eslint-disable-next-line no-unsafe-finally
       throw new UntypedFailure(`close: ${String(err)}`);
     }
+  }
+}
+
+/**
+ * On a copy of a file the reader accepted: a read-write open (replaying any log on disk), writes
+ * at both ends and the middle, a zeroed block, flush and close. Typed refusals are fine; after a
+ * success the file must open again, read back exactly what was written, and keep its identifier.
+ */
+async function writePhase(path: string, size: number): Promise<void> {
+  // Copying sparse giants would only time the copy.
+  if (size < 64 * 1024 || size > 1024 * 1024 * MiB || statSync(path).size > 64 * MiB) return;
+  const copy = `${path}.rw`;
+  copyFileSync(path, copy);
+  try {
+    const ident = Buffer.alloc(64 * 1024);
+    readFd(copy, ident);
+    const spots = [0, Math.floor(size / 2 / 4096) * 4096, size - 4096];
+    const data = spots.map((at, i) => Buffer.alloc(4096, 0x41 + i));
+    let w: VhdxWritable;
+    try {
+      w = await openVhdx(copy, { readOnly: false });
+    } catch (err) {
+      typed(err, 'openVhdx read-write');
+      return;
+    }
+    try {
+      for (const [i, at] of spots.entries()) await w.write(at, data[i]!);
+      await w.writeZeroes(0, Math.min(size, w.info.metadata.blockSize));
+      for (const [i, at] of spots.entries()) if (at >= Math.min(size, w.info.metadata.blockSize)) await w.write(at, data[i]!);
+      await w.flush();
+    } catch (err) {
+      typed(err, 'write');
+      return;
+    } finally {
+      try {
+        await w.close();
+      } catch (err) {
+        typed(err, 'close after writing');
+      }
+    }
+    const again = Buffer.alloc(64 * 1024);
+    readFd(copy, again);
+    if (!again.equals(ident)) throw new UntypedFailure('writing changed the file type identifier (first 64 KiB)');
+    let r: Awaited<ReturnType<typeof openVhdx>>;
+    try {
+      r = await openVhdx(copy);
+    } catch (err) {
+      throw new UntypedFailure(`the file we wrote no longer opens: ${String(err)}`);
+    }
+    try {
+      const zeroEnd = Math.min(size, r.info.metadata.blockSize);
+      for (const [i, at] of spots.entries()) {
+        const got = await r.read(at, 4096);
+        const want = at < zeroEnd ? Buffer.alloc(4096) : data[i]!;
+        if (!got.equals(want)) throw new UntypedFailure(`after writing, read(${at}) differs from what was written`);
+      }
+    } finally {
+      await r.close();
+    }
+  } finally {
+    rmSync(copy, { force: true });
+  }
+}
+
+function readFd(path: string, into: Buffer): void {
+  const fd = openSync(path, 'r');
+  try {
+    readSync(fd, into, 0, into.length, 0);
+  } finally {
+    closeSync(fd);
   }
 }
 

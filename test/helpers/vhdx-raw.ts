@@ -347,3 +347,281 @@ export function fileHead(path: string, n: number): Buffer {
     closeSync(fd);
   }
 }
+
+// ---- Building images from the spec alone: dynamic bases and differencing children -------------
+// MS-VHDX §2.2 (headers, region table), §2.5 (BAT, sector bitmaps), §2.6.2.6 (parent locator).
+// Independent of core/vhdx, so the reader's tests do not read back what its own writer wrote.
+
+export const VHDX_LOCATOR_TYPE = 'b04aefb7-d19e-4a81-b789-25b8e9445913';
+export const NULL_GUID = '00000000-0000-0000-0000-000000000000';
+
+/** What a payload block of a built image holds. `data` bytes come from `sectorPattern(tag, …)`. */
+export type BuiltBlock =
+  | { state: 'full'; tag: number }
+  | { state: 'partial'; tag: number; /** logical sectors of the block (relative to it) present in this file: [first, count] runs */ present: [number, number][] }
+  | { state: 'zero' }
+  | { state: 'not_present' }
+  | { state: 'undefined' }
+  | { state: 'unmapped' };
+
+/** A recognisable sector: its absolute LBA and a tag in the first bytes, then a byte ramp. */
+export function sectorPattern(tag: number, lba: number, sectorSize: number): Buffer {
+  const b = Buffer.alloc(sectorSize);
+  for (let i = 0; i < sectorSize; i++) b[i] = (lba * 31 + tag * 7 + i) & 0xff;
+  b.writeUInt32LE(tag >>> 0, 0);
+  b.writeUInt32LE(lba >>> 0, 4);
+  b.writeUInt32LE(Math.floor(lba / 2 ** 32), 8);
+  return b;
+}
+
+export interface BuildSpec {
+  virtualSize: number;
+  blockSize: number;
+  logicalSectorSize: 512 | 4096;
+  physicalSectorSize?: 512 | 4096;
+  virtualDiskId?: string;
+  dataWriteGuid?: string;
+  blocks: Record<number, BuiltBlock>;
+  /** Makes a differencing disk: these key/value pairs, in this order, as the parent locator. */
+  locator?: [string, string][];
+  /** Overrides of raw locator fields for damaged-locator cases. */
+  locatorType?: string;
+  /** Sector-bitmap entries forced to a state (default: 6 for chunks with a partial block, else 0). */
+  sbState?: Record<number, number>;
+  /**
+   * Chunks that get an all-zero sector bitmap block though no block of theirs is partial (legal;
+   * libvhdi 20210425 needs it: it reads a chunk's NOT_PRESENT blocks through the bitmap at the
+   * SB entry's offset whatever its state, i.e. through the file's first MiB when there is none).
+   */
+  bitmapChunks?: number[];
+}
+
+/** Bytes of a virtual disk: `length` bytes at `offset` (zeros past its end). */
+export type DiskView = (offset: number, length: number) => Buffer;
+
+/** A view of a whole raw image in memory (e.g. qemu's conversion of a base disk). */
+export function bufferView(raw: Buffer): DiskView {
+  return (offset, length) => {
+    const out = Buffer.alloc(length);
+    if (offset < raw.length) raw.copy(out, 0, offset, Math.min(raw.length, offset + length));
+    return out;
+  };
+}
+
+export interface Built {
+  bytes: Buffer;
+  dataWriteGuid: string;
+  virtualDiskId: string;
+  virtualSize: number;
+  /** The disk a correct reader returns, given its parent's (null: no parent, or a base disk). */
+  view(parent: DiskView | null): DiskView;
+}
+
+function hexGuid(r: () => number = Math.random): string {
+  const h = Array.from({ length: 32 }, () => Math.floor(r() * 16).toString(16)).join('');
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-4${h.slice(13, 16)}-8${h.slice(17, 20)}-${h.slice(20)}`;
+}
+
+/** The parent locator item bytes (§2.6.2.6): 20-byte header, 12-byte entries, UTF-16LE strings. */
+export function locatorItem(pairs: [string, string][], type = VHDX_LOCATOR_TYPE): Buffer {
+  const head = 20 + 12 * pairs.length;
+  const strings = pairs.flatMap(([k, v]) => [Buffer.from(k, 'utf16le'), Buffer.from(v, 'utf16le')]);
+  const b = Buffer.alloc(head + strings.reduce((n, s) => n + s.length, 0));
+  writeGuid(b, 0, type);
+  b.writeUInt16LE(pairs.length, 18);
+  let at = head;
+  pairs.forEach((_, i) => {
+    const [k, v] = [strings[2 * i]!, strings[2 * i + 1]!];
+    const e = 20 + 12 * i;
+    b.writeUInt32LE(at, e);
+    k.copy(b, at);
+    at += k.length;
+    b.writeUInt32LE(at, e + 4);
+    v.copy(b, at);
+    at += v.length;
+    b.writeUInt16LE(k.length, e + 8);
+    b.writeUInt16LE(v.length, e + 10);
+  });
+  return b;
+}
+
+/** A well-formed parent locator item → its type and key/value pairs in file order (throws plainly otherwise). */
+export function rawLocator(b: Buffer): { type: string; pairs: [string, string][] } {
+  const n = b.readUInt16LE(18);
+  const pairs: [string, string][] = [];
+  for (let i = 0; i < n; i++) {
+    const e = 20 + 12 * i;
+    const str = (off: number, len: number) => {
+      if (off + len > b.length) throw new Error('locator string out of bounds');
+      return b.toString('utf16le', off, off + len);
+    };
+    pairs.push([str(b.readUInt32LE(e), b.readUInt16LE(e + 8)), str(b.readUInt32LE(e + 4), b.readUInt16LE(e + 10))]);
+  }
+  return { type: guidAt(b, 0), pairs };
+}
+
+/** The current header's DataWriteGuid and the Virtual Disk ID of an image file (for a child's locator). */
+export function identityOf(path: string): { dataWriteGuid: string; virtualDiskId: string; virtualSize: number; logicalSectorSize: number } {
+  const l = rawLayout(fileHead(path, 16 * MiB));
+  return { dataWriteGuid: l.current.dataWriteGuid, virtualDiskId: l.virtualDiskId, virtualSize: l.virtualSize, logicalSectorSize: l.logicalSectorSize };
+}
+
+/**
+ * A whole image, laid out as Hyper-V does: log at 1 MiB, metadata at 2 MiB, BAT at 3 MiB, then
+ * for each chunk with a partial block its sector-bitmap block, then payload blocks in block order.
+ */
+export function buildVhdx(spec: BuildSpec): Built {
+  const { virtualSize, blockSize, logicalSectorSize: lss } = spec;
+  const diff = spec.locator !== undefined;
+  const chunkRatio = (2 ** 23 * lss) / blockSize;
+  const blocks = Math.ceil(virtualSize / blockSize);
+  const sbBlocks = Math.ceil(blocks / chunkRatio);
+  const batEntries = sbBlocks * (chunkRatio + 1);
+  const batLength = Math.ceil((batEntries * 8) / MiB) * MiB;
+  const batOffset = 3 * MiB;
+  const dataWriteGuid = spec.dataWriteGuid ?? hexGuid();
+  const virtualDiskId = spec.virtualDiskId ?? hexGuid();
+  const parts: [number, Buffer][] = [];
+  let next = batOffset + batLength;
+  const bat = Buffer.alloc(batLength);
+  const setEntry = (index: number, state: number, offset: number) => bat.writeBigUInt64LE((BigInt(offset / MiB) << 20n) | BigInt(state), index * 8);
+  const sectorsPerBlock = blockSize / lss;
+  const bitmaps = new Map<number, Buffer>((spec.bitmapChunks ?? []).map((c) => [c, Buffer.alloc(MiB)]));
+  for (const [key, blk] of Object.entries(spec.blocks).sort(([a], [b]) => Number(a) - Number(b))) {
+    const block = Number(key);
+    const index = block + Math.floor(block / chunkRatio);
+    const len = Math.min(blockSize, virtualSize - block * blockSize);
+    const fill = (tag: number, keep: (sector: number) => boolean) => {
+      // Sectors the bitmap marks absent hold junk: a reader that uses them is caught.
+      const data = Buffer.alloc(Math.ceil(len / MiB) * MiB, 0xdd);
+      for (let s = 0; s * lss < len; s++) if (keep(s)) sectorPattern(tag, block * sectorsPerBlock + s, lss).copy(data, s * lss);
+      return data;
+    };
+    if (blk.state === 'full' || blk.state === 'partial') {
+      const has = blk.state === 'full' ? () => true : (s: number) => blk.present.some(([f, n]) => s >= f && s < f + n);
+      const data = fill(blk.tag, has);
+      if (blk.state === 'partial') {
+        const chunk = Math.floor(block / chunkRatio);
+        let bm = bitmaps.get(chunk);
+        if (!bm) bitmaps.set(chunk, (bm = Buffer.alloc(MiB)));
+        const first = (block % chunkRatio) * sectorsPerBlock;
+        for (const [f, n] of blk.present) for (let s = f; s < f + n; s++) bm[(first + s) >> 3]! |= 1 << ((first + s) & 7);
+      }
+      setEntry(index, blk.state === 'full' ? 6 : 7, next);
+      parts.push([next, data]);
+      next += data.length;
+    } else {
+      setEntry(index, { zero: 2, not_present: 0, undefined: 1, unmapped: 3 }[blk.state], 0);
+    }
+  }
+  for (const [chunk, bm] of bitmaps) {
+    setEntry(chunk * (chunkRatio + 1) + chunkRatio, 6, next);
+    parts.push([next, bm]);
+    next += MiB;
+  }
+  for (const [chunk, state] of Object.entries(spec.sbState ?? {})) {
+    const i = Number(chunk) * (chunkRatio + 1) + chunkRatio;
+    const old = bat.readBigUInt64LE(i * 8);
+    bat.writeBigUInt64LE((old & ~7n) | BigInt(state), i * 8);
+  }
+
+  const b = Buffer.alloc(next);
+  b.write('vhdxfile', 0, 'latin1');
+  b.write('vhdx-raw test builder', 8, 'utf16le');
+  HEADER_OFFSETS.forEach((h, i) => {
+    b.write('head', h, 'latin1');
+    b.writeBigUInt64LE(BigInt(10 + i), h + 8);
+    writeGuid(b, h + 16, hexGuid());
+    writeGuid(b, h + 32, dataWriteGuid);
+    b.writeUInt16LE(1, h + 66);
+    b.writeUInt32LE(MiB, h + 68);
+    b.writeBigUInt64LE(BigInt(MiB), h + 72);
+  });
+  for (const rt of REGION_TABLE_OFFSETS) {
+    b.write('regi', rt, 'latin1');
+    b.writeUInt32LE(2, rt + 8);
+    writeGuid(b, rt + 16, GUIDS.bat);
+    b.writeBigUInt64LE(BigInt(batOffset), rt + 32);
+    b.writeUInt32LE(batLength, rt + 40);
+    b.writeUInt32LE(1, rt + 44);
+    writeGuid(b, rt + 48, GUIDS.metadata);
+    b.writeBigUInt64LE(BigInt(2 * MiB), rt + 64);
+    b.writeUInt32LE(MiB, rt + 72);
+    b.writeUInt32LE(1, rt + 76);
+  }
+  fixAllChecksums(b);
+  const m = 2 * MiB;
+  b.write('metadata', m, 'latin1');
+  const payload: [string, Buffer, number][] = [];
+  const u32 = (v: number) => {
+    const x = Buffer.alloc(4);
+    x.writeUInt32LE(v);
+    return x;
+  };
+  const fp = Buffer.alloc(8);
+  fp.writeUInt32LE(blockSize, 0);
+  fp.writeUInt32LE(diff ? 2 : 0, 4);
+  const vds = Buffer.alloc(8);
+  vds.writeBigUInt64LE(BigInt(virtualSize));
+  const vdid = Buffer.alloc(16);
+  writeGuid(vdid, 0, virtualDiskId);
+  payload.push([GUIDS.fileParameters, fp, 4], [GUIDS.virtualDiskSize, vds, 6], [GUIDS.virtualDiskId, vdid, 6], [GUIDS.logicalSectorSize, u32(lss), 6], [GUIDS.physicalSectorSize, u32(spec.physicalSectorSize ?? 4096), 6]);
+  if (diff) payload.push([GUIDS.parentLocator, locatorItem(spec.locator!, spec.locatorType), 4]);
+  b.writeUInt16LE(payload.length, m + 10);
+  let off = 0x10000;
+  payload.forEach(([id, data, flags], i) => {
+    const e = m + 32 + 32 * i;
+    writeGuid(b, e, id);
+    b.writeUInt32LE(off, e + 16);
+    b.writeUInt32LE(data.length, e + 20);
+    b.writeUInt32LE(flags, e + 24);
+    data.copy(b, m + off);
+    off += data.length;
+  });
+  bat.copy(b, batOffset);
+  for (const [at, data] of parts) data.copy(b, at);
+
+  // What a reader must return, sector by sector, from the spec: data here, zeros, or the parent's bytes.
+  const view = (parent: DiskView | null): DiskView => (offset, length) => {
+    const out = Buffer.alloc(length);
+    const first = Math.floor(offset / lss);
+    const last = Math.ceil((offset + length) / lss);
+    for (let lba = first; lba < last && lba * lss < virtualSize; lba++) {
+      const block = Math.floor((lba * lss) / blockSize);
+      const s = lba - block * sectorsPerBlock;
+      const blk = spec.blocks[block] ?? { state: 'not_present' as const };
+      let sector: Buffer | null = null; // null: zeros
+      if (blk.state === 'full' || (blk.state === 'partial' && blk.present.some(([f, n]) => s >= f && s < f + n))) sector = sectorPattern(blk.tag, lba, lss);
+      else if ((blk.state === 'not_present' || blk.state === 'partial') && diff && parent) sector = parent(lba * lss, lss);
+      if (!sector) continue;
+      const from = Math.max(offset, lba * lss);
+      const to = Math.min(offset + length, (lba + 1) * lss);
+      sector.copy(out, from - offset, from - lba * lss, to - lba * lss);
+    }
+    return out;
+  };
+  return { bytes: b, dataWriteGuid, virtualDiskId, virtualSize, view };
+}
+
+/** The locator keys a child made on Linux would carry: linkage, relative and absolute path. */
+export function linuxLocator(parentPath: string, dataWriteGuid: string, relative: string): [string, string][] {
+  return [
+    ['parent_linkage', `{${dataWriteGuid}}`],
+    ['relative_path', relative],
+    ['absolute_win32_path', parentPath],
+  ];
+}
+
+/**
+ * A copy of an image with an all-zero sector bitmap block appended for `chunk` and its SB entry
+ * present: legal for a differencing disk, and what libvhdi needs to read its NOT_PRESENT blocks.
+ */
+export function withSectorBitmap(input: Buffer, chunk: number): Buffer {
+  const l = rawLayout(input);
+  const chunkRatio = (2 ** 23 * l.logicalSectorSize) / l.blockSize;
+  const at = Math.ceil(input.length / MiB) * MiB;
+  const b = Buffer.alloc(at + MiB);
+  input.copy(b);
+  b.writeBigUInt64LE((BigInt(at / MiB) << 20n) | 6n, l.batOffset + 8 * (chunk * (chunkRatio + 1) + chunkRatio));
+  return b;
+}
