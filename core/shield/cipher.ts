@@ -29,18 +29,20 @@ function tweak(unit: number): Buffer {
  */
 export function xtsUnits(mode: 'encrypt' | 'decrypt', key: Buffer, unitSize: number, firstUnit: number, input: Buffer, output: Buffer): void {
   if (key.length !== XTS_KEY_BYTES) throw new Error('internal: an XTS key is 64 bytes');
-  if (input.length % unitSize !== 0 || output.length < input.length) throw new Error('internal: XTS works on whole units');
+  if (output.length < input.length) throw new Error('internal: the XTS output is too short');
+  // The disk's last unit may be short (a size off the unit boundary): XTS takes any length ≥ 16.
   for (let at = 0, unit = firstUnit; at < input.length; at += unitSize, unit++) {
-    const src = input.subarray(at, at + unitSize);
-    const dst = output.subarray(at, at + unitSize);
-    if (mode === 'decrypt' && ZERO_UNIT.compare(src, 0, unitSize, 0, unitSize) === 0 && unitSize <= ZERO_UNIT.length) {
+    const n = Math.min(unitSize, input.length - at);
+    if (n < 16 || n % 16 !== 0) throw new Error('internal: an XTS unit is a multiple of 16 bytes');
+    const src = input.subarray(at, at + n);
+    const dst = output.subarray(at, at + n);
+    if (mode === 'decrypt' && ZERO_UNIT.compare(src, 0, n, 0, n) === 0) {
       dst.fill(0); // never written
       continue;
     }
     const c = mode === 'encrypt' ? createCipheriv('aes-256-xts', key, tweak(unit)) : createDecipheriv('aes-256-xts', key, tweak(unit));
     c.setAutoPadding(false);
-    const n = c.update(src).copy(dst);
-    if (n !== unitSize) throw new Error('internal: XTS output length');
+    if (c.update(src).copy(dst) !== n) throw new Error('internal: XTS output length');
     c.final();
   }
 }
