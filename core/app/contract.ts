@@ -229,6 +229,40 @@ export const VhdxChecked = z.object({ file: z.string(), repair: z.boolean(), bef
 
 export const VhdxResized = z.object({ file: z.string(), oldSize: z.number(), newSize: z.number(), batMoved: z.boolean() });
 
+const DiskFormat = z.enum(['raw', 'vhdx']);
+
+export const DiskInfo = z.object({
+  file: z.string(),
+  virtualSize: z.number(),
+  blockSize: z.number(),
+  logicalSectorSize: z.number(),
+  fileSize: z.number(),
+  cipher: z.literal('aes-256-xts'),
+  unitSize: z.number(),
+  integrity: z.boolean(),
+  diskId: z.string(),
+  generation: z.string(),
+  blocks: z.record(z.string(), z.number()),
+  kp: KpInfo,
+});
+
+export type DiskInfo = z.infer<typeof DiskInfo>;
+
+export const DiskShielded = z.object({
+  input: z.string(),
+  output: z.string(),
+  from: DiskFormat,
+  virtualSize: z.number(),
+  blocks: z.number(),
+  dataBlocks: z.number(),
+  unitSize: z.number(),
+  diskId: z.string(),
+  fileSize: z.number(),
+  kp: KpInfo,
+});
+
+export const DiskUnshielded = z.object({ input: z.string(), output: z.string(), to: DiskFormat, virtualSize: z.number(), dataBlocks: z.number() });
+
 const guardianName = z.string().min(1).max(64);
 
 const protectionArgs = {
@@ -571,6 +605,53 @@ export const contract = {
     args: z.object({ file: path, size: z.string().min(1).max(40).describe('the new virtual disk size: bytes or with a suffix (10M, 20G, 2T)') }),
     result: VhdxResized,
     needs: 'nothing',
+  }),
+
+  'disk.shield': method({
+    summary: 'Shield a raw or VHDX disk: a new VHDX whose payload is AES-256-XTS ciphertext, its key protector inside (format by extension or --from)',
+    cli: { path: ['disk', 'shield'], positional: ['input'] },
+    args: z.object({
+      input: path,
+      out: path.describe('the shielded VHDX to write'),
+      from: DiskFormat.optional().describe('input format (default: by extension)'),
+      owner: guardianName.describe('owner guardian (held here, backed up)'),
+      guardian: z.array(guardianName).max(64).meta({ commaList: true }).default([]).describe('another guardian allowed to run the VM'),
+      allowMode: z.array(AttestationMode).min(1).meta({ commaList: true }).default(['tpm', 'host-key']).describe('attestation modes that may release'),
+      allowHost: z.array(z.string().regex(/^[0-9a-f]{64}$/)).max(256).meta({ commaList: true }).default([]).describe('host id allowed to release (default: any attested host)'),
+      unitSize: z.number().int().optional().describe('bytes per encrypted data unit, a power of two from 512 to 1M (default 4096)'),
+    }),
+    result: DiskShielded,
+    needs: 'unlocked',
+    progress: true,
+  }),
+  'disk.unshield': method({
+    summary: 'Decrypt a shielded disk to a raw or VHDX file (owner only, audited; format by extension or --to)',
+    cli: { path: ['disk', 'unshield'], positional: ['file'] },
+    args: z.object({ file: path, out: path.describe('the plain disk to write'), to: DiskFormat.optional().describe('output format (default: by extension)') }),
+    result: DiskUnshielded,
+    needs: 'unlocked',
+    progress: true,
+  }),
+  'disk.info': method({
+    summary: 'A shielded disk: structure, encryption and its key protector in words (no key needed)',
+    cli: { path: ['disk', 'info'], positional: ['file'] },
+    args: z.object({ file: path }),
+    result: DiskInfo,
+    needs: 'unlocked',
+  }),
+  'disk.grant': method({
+    summary: 'Allow another guardian to run this disk (owner only): rewrites the key protector item, never the payload',
+    cli: { path: ['disk', 'grant'], positional: ['file'] },
+    args: z.object({ file: path, guardian: guardianName.describe('guardian to add') }),
+    result: DiskInfo,
+    needs: 'unlocked',
+  }),
+  'disk.revoke': method({
+    summary: 'Remove a guardian from this disk (owner only): rewrites the key protector item, never the payload',
+    cli: { path: ['disk', 'revoke'], positional: ['file'] },
+    args: z.object({ file: path, guardian: guardianName.describe('guardian to remove') }),
+    result: DiskInfo,
+    needs: 'unlocked',
   }),
 } as const;
 

@@ -23,7 +23,7 @@ import type { GuardianInfo, KpInfo, MethodName, ParsedArgs, Result } from './con
 type Handler<M extends MethodName> = (args: ParsedArgs<M>) => Promise<Result<M>>;
 type GuardianMethods = Extract<MethodName, `guardian.${string}` | `kp.${string}` | `host.${string}`>;
 
-function readInput(path: string, what: string): Buffer {
+export function readInput(path: string, what: string): Buffer {
   try {
     return readFileSync(path);
   } catch (err) {
@@ -36,7 +36,7 @@ function lkgPath(file: string): string {
   return `${file}.lkg`;
 }
 
-function held(store: GuardianStore, name: string): HeldGuardian {
+export function held(store: GuardianStore, name: string): HeldGuardian {
   const certs = store.certificates(name);
   return { name, ...certs, keys: store.privateKeys(name) };
 }
@@ -50,7 +50,7 @@ function listInWords(items: readonly string[], last = 'and'): string {
   return items.length <= 1 ? (items[0] ?? '') : `${items.slice(0, -1).join(', ')} ${last} ${items.at(-1)}`;
 }
 
-function describeKp(kp: KeyProtector, file: string, store: GuardianStore): KpInfo {
+export function describeKp(kp: KeyProtector, file: string, store: GuardianStore): KpInfo {
   const known = store.list();
   const heldHere = new Set(known.filter((g) => g.hasPrivateKeys).map((g) => g.encryption.thumbprint));
   const { authorization: a, keyBlock: k } = kp;
@@ -85,7 +85,7 @@ function describeKp(kp: KeyProtector, file: string, store: GuardianStore): KpInf
 }
 
 /** Remembers which key protectors exist, so a guardian they depend on is not deleted. */
-function registerKp(vault: Vault, kp: KeyProtector, file: string): void {
+export function registerKp(vault: Vault, kp: KeyProtector, file: string): void {
   const data = Buffer.from(JSON.stringify({ file, owner: kp.authorization.owner, guardians: kp.authorization.guardians.map((g) => ({ name: g.name, signingThumbprint: g.signingThumbprint })) }));
   vault.putRecord('key-protector', { name: kp.authorization.kpId, data, notes: file });
 }
@@ -109,15 +109,36 @@ function dependents(vault: Vault, store: GuardianStore, name: string): string | 
   return null;
 }
 
+// One store per vault session: it caches public guardian info, so listing is not re-audited.
+const stores = new WeakMap<Vault, GuardianStore>();
+export function storeOf(v: Vault): GuardianStore {
+  let s = stores.get(v);
+  if (!s) stores.set(v, (s = new GuardianStore(v)));
+  return s;
+}
+
+/** The owner guardian for a new key protector: held here and backed up, or a typed refusal. */
+export function ownerForNewKp(s: GuardianStore, name: string): HeldGuardian {
+  const owner = s.get(name);
+  if (!owner.hasPrivateKeys) throw new ShieldError('guardian_no_private_key', `Guardian ${name} is public only here: the owner must be a guardian this host holds.`);
+  if (!owner.backedUpAt) {
+    throw new ShieldError(
+      'guardian_not_backed_up',
+      `Guardian ${name} has not been backed up: a lost owner would strand every VM it protects. Run \`shieldlab guardian export ${name} --pfx --out-dir D --password-file P\` or \`shieldlab vault backup --out F\` first.`,
+    );
+  }
+  return held(s, name);
+}
+
+/** The held owner of a key protector, for owner-only changes; `what` names the change in the refusal. */
+export function heldOwnerOf(s: GuardianStore, kp: KeyProtector, what: string): HeldGuardian {
+  const ownerName = s.list().find((g) => g.signing.thumbprint === kp.authorization.owner && g.hasPrivateKeys)?.name;
+  if (!ownerName) throw new ShieldError('kp_not_owner', `Only the owner (${kp.owner.name}) can ${what}, and this host does not hold it.`);
+  return held(s, ownerName);
+}
+
 export function guardianHandlers(vault: () => Vault): { [M in GuardianMethods]: Handler<M> } {
-  // One store per vault session: it caches public guardian info, so listing is not re-audited.
-  const stores = new WeakMap<Vault, GuardianStore>();
-  const store = () => {
-    const v = vault();
-    let s = stores.get(v);
-    if (!s) stores.set(v, (s = new GuardianStore(v)));
-    return s;
-  };
+  const store = () => storeOf(vault());
   const attestation = () => new AttestationService(vault());
   const loadKp = (file: string) => parseKeyProtector(readInput(file, 'key protector'));
   const writeKp = (file: string, bytes: Buffer) => {
@@ -188,17 +209,10 @@ export function guardianHandlers(vault: () => Vault): { [M in GuardianMethods]: 
 
     'kp.create': async (args) => {
       const s = store();
-      const owner = s.get(args.owner);
-      if (!owner.hasPrivateKeys) throw new ShieldError('guardian_no_private_key', `Guardian ${args.owner} is public only here: the owner must be a guardian this host holds.`);
-      if (!owner.backedUpAt) {
-        throw new ShieldError(
-          'guardian_not_backed_up',
-          `Guardian ${args.owner} has not been backed up: a lost owner would strand every VM it protects. Run \`shieldlab guardian export ${args.owner} --pfx --out-dir D --password-file P\` or \`shieldlab vault backup --out F\` first.`,
-        );
-      }
+      const owner = ownerForNewKp(s, args.owner);
       if (existsSync(args.out)) throw new ShieldError('already_exists', `${args.out} exists; choose another --out.`);
       const bytes = createKeyProtector({
-        owner: held(s, args.owner),
+        owner,
         guardians: args.guardian.map((g) => ({ name: g, ...s.certificates(g) })),
         policy: { modes: args.allowMode, hosts: args.allowHost },
       });
@@ -212,9 +226,7 @@ export function guardianHandlers(vault: () => Vault): { [M in GuardianMethods]: 
     'kp.grant': async (args) => {
       const s = store();
       const kp = loadKp(args.file);
-      const ownerName = s.list().find((g) => g.signing.thumbprint === kp.authorization.owner && g.hasPrivateKeys)?.name;
-      if (!ownerName) throw new ShieldError('kp_not_owner', `Only the owner (${kp.owner.name}) can grant, and this host does not hold it.`);
-      const next = writeKp(args.file, grantGuardian(kp, held(s, ownerName), { name: args.guardian, ...s.certificates(args.guardian) }));
+      const next = writeKp(args.file, grantGuardian(kp, heldOwnerOf(s, kp, 'grant'), { name: args.guardian, ...s.certificates(args.guardian) }));
       vault().record({ action: 'kp.grant', outcome: 'ok', subject: `${kp.authorization.kpId} +${args.guardian}` });
       return describeKp(next, args.file, s);
     },
@@ -222,9 +234,7 @@ export function guardianHandlers(vault: () => Vault): { [M in GuardianMethods]: 
     'kp.revoke': async (args) => {
       const s = store();
       const kp = loadKp(args.file);
-      const ownerName = s.list().find((g) => g.signing.thumbprint === kp.authorization.owner && g.hasPrivateKeys)?.name;
-      if (!ownerName) throw new ShieldError('kp_not_owner', `Only the owner (${kp.owner.name}) can revoke, and this host does not hold it.`);
-      const next = writeKp(args.file, revokeGuardian(kp, held(s, ownerName), args.guardian));
+      const next = writeKp(args.file, revokeGuardian(kp, heldOwnerOf(s, kp, 'revoke'), args.guardian));
       vault().record({ action: 'kp.revoke', outcome: 'ok', subject: `${kp.authorization.kpId} -${args.guardian}` });
       return describeKp(next, args.file, s);
     },

@@ -9,6 +9,7 @@ import { z } from 'zod';
 import { contract, isMethodName, type AppEvent, type MethodName, type ParsedArgs, type ProgressEvent, type Result, type VaultStatus } from './contract.ts';
 import { ShieldError, toShieldError } from '../errors.ts';
 import { guardianHandlers } from './guardian-handlers.ts';
+import { diskHandlers } from './disk-handlers.ts';
 import { checkVhdx, convertRawToVhdx, convertVhdxToRaw, createDifferencingVhdx, createVhdx, openVhdx, parseSize, resizeVhdx } from '../vhdx/mod.ts';
 import { GuardianStore } from '../guardian/store.ts';
 import { OsKeychain, Vault, restoreBackup, writeBackup, type Keychain, type Protection } from '../vault/mod.ts';
@@ -292,6 +293,7 @@ export class ShieldLabApp {
     },
 
     ...guardianHandlers(() => this.unlocked()),
+    ...diskHandlers(() => this.unlocked(), (ctx, method, phase) => this.progress(ctx, method, phase, 'bytes')),
 
     'vhdx.info': async (args) => {
       const image = await openVhdx(args.file, args.parent !== undefined ? { parent: args.parent } : {});

@@ -110,6 +110,23 @@ export function formatHuman(method: MethodName, result: unknown): string {
       return `Created ${String(r.file)}: ${String(r.type)} VHDX, ${String(r.virtualSize)} bytes, ${Number(r.blockSize) / 1048576} MiB blocks, ${String(r.logicalSectorSize)}/${String(r.physicalSectorSize)}-byte logical/physical sectors (file ${String(r.fileSize)} bytes).\n`;
     case 'vhdx.convert':
       return `Converted ${String(r.input)} (${String(r.from)}) to ${String(r.output)} (${String(r.to)}): ${String(r.virtualSize)} bytes, ${String(r.dataBlocks)} of ${String(r.blocks)} blocks hold data (file ${String(r.fileSize)} bytes).\n`;
+    case 'disk.info':
+    case 'disk.grant':
+    case 'disk.revoke': {
+      const kp = r.kp as { kpId: string; summary: string };
+      return [
+        `Shielded disk ${String(r.file)}: ${String(r.virtualSize)} bytes, ${String(r.cipher)} in ${String(r.unitSize)}-byte units${r.integrity ? ', integrity mode' : ''}, ${Number(r.blockSize) / 1048576} MiB blocks (file ${String(r.fileSize)} bytes)`,
+        `Disk ID ${String(r.diskId)}, generation ${String(r.generation)}; blocks: ${Object.entries(r.blocks as Record<string, number>).map(([k, v]) => `${v} ${k}`).join(', ')}`,
+        `Key protector ${kp.kpId}: ${kp.summary}`,
+        '',
+      ].join('\n');
+    }
+    case 'disk.shield': {
+      const kp = r.kp as { kpId: string; summary: string };
+      return `Shielded ${String(r.input)} (${String(r.from)}) into ${String(r.output)}: ${String(r.virtualSize)} bytes, ${String(r.dataBlocks)} of ${String(r.blocks)} blocks hold data, ${String(r.unitSize)}-byte units (file ${String(r.fileSize)} bytes).\nKey protector ${kp.kpId}: ${kp.summary}\n`;
+    }
+    case 'disk.unshield':
+      return `Decrypted ${String(r.input)} into ${String(r.output)} (${String(r.to)}): ${String(r.virtualSize)} bytes, ${String(r.dataBlocks)} blocks hold data.\n`;
     case 'vhdx.check':
       return formatCheck(r as unknown as CheckOutput);
     case 'vhdx.resize':

@@ -1,0 +1,141 @@
+// Handlers for shielded disks: they join the key protector (guardians) to the disk format (shield).
+// Shielding, unshielding and guardian changes are owner operations: the owner's own key unwraps
+// the transport key, as an HGS owner guardian can. Running a disk goes through the release gate.
+import { extname } from 'node:path';
+import { ShieldError } from '../errors.ts';
+import { wipe } from '../crypto/mod.ts';
+import type { Vault } from '../vault/mod.ts';
+import { createKeyProtector, grantGuardian, parseKeyProtector, revokeGuardian, unwrapTransportKey, type HeldGuardian, type KeyProtector } from '../guardian/key-protector.ts';
+import { ShieldedDisk, readShieldItem, shieldImage, unshieldImage, type DiskFormat } from '../shield/mod.ts';
+import type { DiskInfo, MethodName, ParsedArgs, Result } from './contract.ts';
+import { describeKp, heldOwnerOf, ownerForNewKp, registerKp, storeOf } from './guardian-handlers.ts';
+import type { CallContext } from './service.ts';
+
+type Handler<M extends MethodName> = (args: ParsedArgs<M>, ctx: CallContext) => Promise<Result<M>>;
+type DiskMethods = Extract<MethodName, `disk.${string}`>;
+type Progress = (ctx: CallContext, method: MethodName, phase: string) => (done: number, total: number) => void;
+
+function formatOf(file: string, given: DiskFormat | undefined, flag: string): DiskFormat {
+  if (given) return given;
+  const ext = extname(file).toLowerCase();
+  if (ext === '.vhdx') return 'vhdx';
+  if (ext === '.raw' || ext === '.img') return 'raw';
+  throw new ShieldError('invalid_argument', `Cannot tell the format of ${file} from its extension (.vhdx, .raw, .img): give ${flag}.`);
+}
+
+/** The transport key through the owner's own key: for owner operations only. The caller wipes it. */
+function ownerTransportKey(kp: KeyProtector, owner: HeldGuardian): Buffer {
+  return unwrapTransportKey(kp, { encryptionThumbprint: kp.owner.encryptionThumbprint, encryptionKey: owner.keys.encryptionKey });
+}
+
+export function diskHandlers(vault: () => Vault, progress: Progress): { [M in DiskMethods]: Handler<M> } {
+  const store = () => storeOf(vault());
+  const signal = (ctx: CallContext) => (ctx.signal ? { signal: ctx.signal } : {});
+
+  async function info(file: string): Promise<DiskInfo> {
+    const { item, image } = await readShieldItem(file);
+    return {
+      file,
+      virtualSize: image.metadata.virtualSize,
+      blockSize: image.metadata.blockSize,
+      logicalSectorSize: image.metadata.logicalSectorSize,
+      fileSize: image.fileSize,
+      cipher: 'aes-256-xts',
+      unitSize: item.unitSize,
+      integrity: item.integrity,
+      diskId: item.diskId,
+      generation: item.generation.toString(),
+      blocks: image.bat.states,
+      kp: describeKp(parseKeyProtector(item.kp), file, store()),
+    };
+  }
+
+  /** Owner-only change of who may run the disk: a new KP, resealed into the item in place. */
+  async function changeGuardians(file: string, what: 'grant' | 'revoke', make: (kp: KeyProtector, owner: HeldGuardian) => Buffer): Promise<DiskInfo> {
+    const s = store();
+    const { item } = await readShieldItem(file);
+    const kp = parseKeyProtector(item.kp);
+    const owner = heldOwnerOf(s, kp, what);
+    const next = make(kp, owner);
+    const tk = ownerTransportKey(kp, owner);
+    try {
+      const disk = await ShieldedDisk.open(file, tk);
+      try {
+        await disk.reseal({ kp: next, currentTransportKey: tk });
+      } finally {
+        await disk.close();
+      }
+    } finally {
+      wipe(tk);
+    }
+    const nextKp = parseKeyProtector(next);
+    registerKp(vault(), nextKp, file);
+    return info(file);
+  }
+
+  return {
+    'disk.shield': async (args, ctx) => {
+      const s = store();
+      const owner = ownerForNewKp(s, args.owner);
+      const from = formatOf(args.input, args.from, '--from');
+      const kpBytes = createKeyProtector({
+        owner,
+        guardians: args.guardian.map((g) => ({ name: g, ...s.certificates(g) })),
+        policy: { modes: args.allowMode, hosts: args.allowHost },
+      });
+      const kp = parseKeyProtector(kpBytes);
+      const tk = ownerTransportKey(kp, owner);
+      try {
+        const r = await shieldImage(args.input, from, args.out, {
+          kp: kpBytes,
+          transportKey: tk,
+          ...(args.unitSize !== undefined ? { unitSize: args.unitSize } : {}),
+          onProgress: progress(ctx, 'disk.shield', 'encrypting'),
+          ...signal(ctx),
+        });
+        registerKp(vault(), kp, args.out);
+        vault().record({ action: 'disk.shield', outcome: 'ok', subject: `${kp.authorization.kpId} ${args.out}` });
+        return { ...r, kp: describeKp(kp, args.out, s) };
+      } finally {
+        wipe(tk);
+      }
+    },
+
+    'disk.unshield': async (args, ctx) => {
+      const s = store();
+      const to = formatOf(args.out, args.to, '--to');
+      const { item } = await readShieldItem(args.file);
+      const kp = parseKeyProtector(item.kp);
+      let owner: HeldGuardian;
+      try {
+        owner = heldOwnerOf(s, kp, 'unshield');
+      } catch (err) {
+        vault().record({ action: 'disk.unshield', outcome: 'refused', subject: `${kp.authorization.kpId} ${args.file}`, reason: 'not the owner' });
+        throw err;
+      }
+      const tk = ownerTransportKey(kp, owner);
+      try {
+        const r = await unshieldImage(args.file, tk, args.out, to, { onProgress: progress(ctx, 'disk.unshield', 'decrypting'), ...signal(ctx) });
+        vault().record({ action: 'disk.unshield', outcome: 'ok', subject: `${kp.authorization.kpId} ${args.file} → ${args.out}` });
+        return r;
+      } finally {
+        wipe(tk);
+      }
+    },
+
+    'disk.info': async (args) => info(args.file),
+
+    'disk.grant': async (args) => {
+      const s = store();
+      const r = await changeGuardians(args.file, 'grant', (kp, owner) => grantGuardian(kp, owner, { name: args.guardian, ...s.certificates(args.guardian) }));
+      vault().record({ action: 'disk.grant', outcome: 'ok', subject: `${r.kp.kpId} +${args.guardian}` });
+      return r;
+    },
+
+    'disk.revoke': async (args) => {
+      const r = await changeGuardians(args.file, 'revoke', (kp, owner) => revokeGuardian(kp, owner, args.guardian));
+      vault().record({ action: 'disk.revoke', outcome: 'ok', subject: `${r.kp.kpId} -${args.guardian}` });
+      return r;
+    },
+  };
+}
