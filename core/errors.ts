@@ -46,6 +46,8 @@ export const ERROR_CODES = [
   'shield_invalid',
   'shield_key_mismatch',
   'shield_tampered',
+  'shield_rollback',
+  'integrity_violation',
   'cancelled',
   'unauthorized',
   'forbidden',

@@ -29,7 +29,7 @@ const path = z.string().min(1).max(4096);
 const shareList = z.array(z.string().min(8).max(200)).min(1).max(255);
 
 export const SlotKind = z.enum(['keychain', 'passphrase', 'recovery']);
-export const RecordKind = z.enum(['secret', 'guardian-key', 'key-protector', 'recovery', 'host-key', 'attestation']);
+export const RecordKind = z.enum(['secret', 'guardian-key', 'key-protector', 'recovery', 'host-key', 'attestation', 'shielded-disk']);
 
 export const VaultStatus = z.object({
   initialised: z.boolean(),
@@ -256,6 +256,8 @@ export const DiskShielded = z.object({
   blocks: z.number(),
   dataBlocks: z.number(),
   unitSize: z.number(),
+  integrity: z.boolean(),
+  generation: z.string(),
   diskId: z.string(),
   fileSize: z.number(),
   kp: KpInfo,
@@ -619,6 +621,7 @@ export const contract = {
       allowMode: z.array(AttestationMode).min(1).meta({ commaList: true }).default(['tpm', 'host-key']).describe('attestation modes that may release'),
       allowHost: z.array(z.string().regex(/^[0-9a-f]{64}$/)).max(256).meta({ commaList: true }).default([]).describe('host id allowed to release (default: any attested host)'),
       unitSize: z.number().int().optional().describe('bytes per encrypted data unit, a power of two from 512 to 1M (default 4096)'),
+      integrity: z.boolean().default(false).describe('per-unit tags: any edit, move or rollback of the file is detected (the disk is fully allocated)'),
     }),
     result: DiskShielded,
     needs: 'unlocked',

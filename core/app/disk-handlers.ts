@@ -28,6 +28,22 @@ function ownerTransportKey(kp: KeyProtector, owner: HeldGuardian): Buffer {
   return unwrapTransportKey(kp, { encryptionThumbprint: kp.owner.encryptionThumbprint, encryptionKey: owner.keys.encryptionKey });
 }
 
+/**
+ * The highest generation this host has seen of an integrity-mode disk: an older one presented
+ * later is a rollback. Kept in the vault, so a storage admin cannot reset it with the file.
+ */
+export function lastSeenGeneration(v: Vault, diskId: string): bigint | null {
+  if (!v.hasRecord('shielded-disk', diskId)) return null;
+  const rec = v.getRecord('shielded-disk', diskId, { audit: false });
+  return BigInt((JSON.parse(Buffer.from(rec.data, 'base64').toString('utf8')) as { generation: string }).generation);
+}
+
+export function rememberGeneration(v: Vault, diskId: string, generation: bigint): void {
+  const seen = lastSeenGeneration(v, diskId);
+  if (seen !== null && seen >= generation) return;
+  v.putRecord('shielded-disk', { name: diskId, data: Buffer.from(JSON.stringify({ generation: generation.toString() })), notes: 'integrity-mode generation' });
+}
+
 export function diskHandlers(vault: () => Vault, progress: Progress): { [M in DiskMethods]: Handler<M> } {
   const store = () => storeOf(vault());
   const signal = (ctx: CallContext) => (ctx.signal ? { signal: ctx.signal } : {});
@@ -90,12 +106,14 @@ export function diskHandlers(vault: () => Vault, progress: Progress): { [M in Di
           kp: kpBytes,
           transportKey: tk,
           ...(args.unitSize !== undefined ? { unitSize: args.unitSize } : {}),
+          integrity: args.integrity,
           onProgress: progress(ctx, 'disk.shield', 'encrypting'),
           ...signal(ctx),
         });
         registerKp(vault(), kp, args.out);
-        vault().record({ action: 'disk.shield', outcome: 'ok', subject: `${kp.authorization.kpId} ${args.out}` });
-        return { ...r, kp: describeKp(kp, args.out, s) };
+        if (r.integrity) rememberGeneration(vault(), r.diskId, r.generation);
+        vault().record({ action: 'disk.shield', outcome: 'ok', subject: `${kp.authorization.kpId} ${args.out}${r.integrity ? ' (integrity)' : ''}` });
+        return { ...r, generation: r.generation.toString(), kp: describeKp(kp, args.out, s) };
       } finally {
         wipe(tk);
       }

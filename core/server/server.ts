@@ -57,6 +57,8 @@ export function httpStatusFor(code: ErrorCode): number {
     case 'kp_unwrap_denied':
     case 'shield_key_mismatch':
     case 'shield_tampered':
+    case 'shield_rollback':
+    case 'integrity_violation':
     case 'release_denied':
     case 'health_certificate_invalid':
     case 'attestation_failed':

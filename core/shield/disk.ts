@@ -9,6 +9,7 @@ import { ShieldError, toShieldError } from '../errors.ts';
 import { createVhdx, openVhdx, PAYLOAD_STATE, type VhdxImage, type VhdxWritable } from '../vhdx/mod.ts';
 import { checkUnitSize, xtsUnits } from './cipher.ts';
 import { SHIELD_ITEM, buildShieldItem, newDataKey, openShieldItem, parseShieldItem, reseal, type DataKey, type ShieldItem } from './format.ts';
+import { DIRTY_SPAN, TAG_BYTES, TAG_REGION, firstBadUnit, tagRegionLength, tagUnits } from './integrity.ts';
 
 const MiB = 1024 * 1024;
 export const DEFAULT_UNIT = 4096;
@@ -20,6 +21,8 @@ export type DiskFormat = 'raw' | 'vhdx';
 export interface ShieldCreateOptions {
   kp: Buffer;
   transportKey: Buffer;
+  /** Per-unit tags in a required region: modification, relocation and rollback are detected. */
+  integrity?: boolean;
   unitSize?: number;
   blockSize?: number;
   onProgress?: (done: number, total: number) => void;
@@ -34,6 +37,8 @@ export interface ShieldCreateResult {
   blocks: number;
   dataBlocks: number;
   unitSize: number;
+  integrity: boolean;
+  generation: bigint;
   diskId: string;
   fileSize: number;
 }
@@ -126,22 +131,44 @@ export async function shieldImage(input: string, from: DiskFormat, output: strin
     const size = Math.ceil(plain.size / sector) * sector;
     const blockSize = opts.blockSize ?? DEFAULT_BLOCK;
     if (blockSize % unitSize !== 0) throw new ShieldError('invalid_argument', `The block size must be a multiple of the ${unitSize}-byte data unit.`);
-    await createVhdx(partial, { size, type: 'dynamic', blockSize, logicalSectorSize: sector });
+    const integrity = opts.integrity ?? false;
+    // Integrity mode writes every unit (so zeroing a unit and its tag cannot pass as "never
+    // written"): a fixed layout, and a required tag region at the end.
+    await createVhdx(partial, { size, type: integrity ? 'fixed' : 'dynamic', blockSize, logicalSectorSize: sector });
     created = true;
-    const disk = await openVhdx(partial, { readOnly: false, knownUserItems: [SHIELD_ITEM] });
+    if (integrity) {
+      const bare = await openVhdx(partial, { readOnly: false });
+      try {
+        await bare.addRegion(TAG_REGION, tagRegionLength(size, unitSize), true);
+      } finally {
+        await bare.close();
+      }
+    }
+    const disk = await openVhdx(partial, { readOnly: false, knownUserItems: [SHIELD_ITEM], knownRegions: [TAG_REGION] });
     const key = newDataKey();
     let dataBlocks = 0;
     const blocks = Math.ceil(size / blockSize);
     try {
       const diskId = disk.info.metadata.virtualDiskId;
-      const item = buildShieldItem({ integrity: false, unitSize, diskId, generation: 1n }, opts.kp, opts.transportKey, key);
+      const item = buildShieldItem({ integrity, unitSize, diskId, generation: 1n }, opts.kp, opts.transportKey, key);
       await disk.setUserItem(SHIELD_ITEM, item, { required: true });
       const buf = Buffer.allocUnsafe(blockSize);
+      const tags = Buffer.alloc((blockSize / unitSize) * TAG_BYTES);
       for (let b = 0; b < blocks; b++) {
         opts.signal?.throwIfAborted();
         const offset = b * blockSize;
         const n = Math.min(blockSize, size - offset);
-        if (!(await plain.zeroBlock(offset, n))) {
+        if (integrity) {
+          const data = buf.subarray(0, n);
+          if (await plain.zeroBlock(offset, n)) data.fill(0);
+          else await plain.read(offset, data);
+          if (!allZero(data)) dataBlocks++;
+          xtsUnits('encrypt', key.xts, unitSize, offset / unitSize, data, data);
+          const t = tags.subarray(0, Math.ceil(n / unitSize) * TAG_BYTES);
+          tagUnits(key.mac, unitSize, offset / unitSize, data, t);
+          await disk.write(offset, data);
+          await disk.writeRegion(TAG_REGION, (offset / unitSize) * TAG_BYTES, t);
+        } else if (!(await plain.zeroBlock(offset, n))) {
           const data = buf.subarray(0, n);
           await plain.read(offset, data);
           if (!allZero(data)) {
@@ -159,7 +186,7 @@ export async function shieldImage(input: string, from: DiskFormat, output: strin
       const fileSize = disk.info.fileSize;
       await publish(partial, output);
       created = false;
-      return { input, output, from, virtualSize: size, blocks, dataBlocks, unitSize, diskId, fileSize };
+      return { input, output, from, virtualSize: size, blocks, dataBlocks, unitSize, integrity, generation: 1n, diskId, fileSize };
     } finally {
       key.wipe();
       await disk.close();
@@ -188,7 +215,7 @@ async function publish(partial: string, output: string): Promise<void> {
 
 /** The shield item of a file, read without any key (for `disk info` and for release). */
 export async function readShieldItem(path: string): Promise<{ item: ShieldItem; image: VhdxImage['info'] }> {
-  const img = await openVhdx(path, { knownUserItems: [SHIELD_ITEM] });
+  const img = await openVhdx(path, { knownUserItems: [SHIELD_ITEM], knownRegions: [TAG_REGION] });
   try {
     const bytes = await img.userItem(SHIELD_ITEM);
     if (!bytes) throw new ShieldError('shield_invalid', `${path} is a VHDX, but not a shielded one (no shield item).`);
@@ -222,6 +249,16 @@ class UnitLocks {
   }
 }
 
+/** What integrity mode reports for the audit trail. */
+export type IntegrityEvent = { kind: 'violation'; unit: number; offset: number; message: string } | { kind: 'retagged'; regions: number; message: string };
+
+export interface ShieldedOpenOptions {
+  readOnly?: boolean;
+  /** Integrity mode: the highest generation this host has seen for the disk (from the vault); older is a rollback. */
+  lastSeenGeneration?: bigint | null;
+  onIntegrityEvent?: (e: IntegrityEvent) => void;
+}
+
 /**
  * A shielded disk opened with its released transport key: plaintext reads and writes over the
  * ciphertext file, for the NBD server. The data key lives only here and is wiped on close.
@@ -232,13 +269,18 @@ export class ShieldedDisk {
   readonly minBlock: number;
   readonly readOnly: boolean;
   readonly diskId: string;
+  readonly integrity: boolean;
   private readonly img: VhdxImage;
   private readonly key: DataKey;
-  private readonly item: ShieldItem;
+  private item: ShieldItem;
   private readonly locks = new UnitLocks();
+  private readonly onEvent: (e: IntegrityEvent) => void;
+  /** Integrity mode: the dirty-region bitmap as persisted in the item. */
+  private dirty: Buffer;
+  private itemUpdate: Promise<void> = Promise.resolve();
   private closed = false;
 
-  private constructor(img: VhdxImage, key: DataKey, item: ShieldItem, readOnly: boolean) {
+  private constructor(img: VhdxImage, key: DataKey, item: ShieldItem, readOnly: boolean, onEvent: (e: IntegrityEvent) => void) {
     this.img = img;
     this.key = key;
     this.item = item;
@@ -247,23 +289,112 @@ export class ShieldedDisk {
     this.unitSize = item.unitSize;
     this.minBlock = img.info.metadata.logicalSectorSize;
     this.diskId = item.diskId;
+    this.integrity = item.integrity;
+    this.onEvent = onEvent;
+    this.dirty = Buffer.from(item.dirty);
   }
 
-  static async open(path: string, transportKey: Buffer, opts: { readOnly?: boolean } = {}): Promise<ShieldedDisk> {
+  /** The generation in the item now (integrity mode: bumped by every read-write open). */
+  get generation(): bigint {
+    return this.item.generation;
+  }
+
+  static async open(path: string, transportKey: Buffer, opts: ShieldedOpenOptions = {}): Promise<ShieldedDisk> {
     const readOnly = opts.readOnly ?? false;
-    const img = readOnly ? await openVhdx(path, { knownUserItems: [SHIELD_ITEM] }) : await openVhdx(path, { readOnly: false, knownUserItems: [SHIELD_ITEM] });
+    const known = { knownUserItems: [SHIELD_ITEM], knownRegions: [TAG_REGION] };
+    const img = readOnly ? await openVhdx(path, known) : await openVhdx(path, { readOnly: false, ...known });
+    let disk: ShieldedDisk | null = null;
     try {
       const bytes = await img.userItem(SHIELD_ITEM);
       if (!bytes) throw new ShieldError('shield_invalid', `${path} is a VHDX, but not a shielded one (no shield item).`);
       const item = parseShieldItem(bytes);
       if (item.diskId !== img.info.metadata.virtualDiskId) throw new ShieldError('shield_tampered', 'The shield item belongs to another disk (its disk ID differs from the VHDX\'s).');
-      if (item.integrity) throw new ShieldError('vhdx_unsupported', 'This disk uses integrity mode, which this build cannot serve yet.');
       const key = openShieldItem(item, transportKey);
-      return new ShieldedDisk(img, key, item, readOnly);
+      disk = new ShieldedDisk(img, key, item, readOnly, opts.onIntegrityEvent ?? (() => undefined));
+      if (item.integrity) {
+        if (!img.info.regions.some((r) => r.guid === TAG_REGION)) throw new ShieldError('shield_tampered', 'An integrity-mode disk without its tag region.');
+        if (img.info.type !== 'fixed') throw new ShieldError('shield_tampered', 'An integrity-mode disk that is not fully allocated.');
+        const seen = opts.lastSeenGeneration;
+        if (seen !== undefined && seen !== null && item.generation < seen) {
+          throw new ShieldError('shield_rollback', `This disk is an older copy: its generation is ${item.generation}, but this host has seen generation ${seen}. A rolled-back disk is refused.`);
+        }
+        if (!readOnly) await disk.startSession();
+      }
+      return disk;
     } catch (err) {
-      await img.close();
+      if (disk) await disk.close().catch(() => undefined);
+      else await img.close();
       throw err;
     }
+  }
+
+  /**
+   * Read-write open in integrity mode: units that may have been written when the last session
+   * ended uncleanly are re-tagged from their current contents (and reported), then the
+   * generation moves on, so every older copy of the file reads as a rollback.
+   */
+  private async startSession(): Promise<void> {
+    const dirtyRegions: number[] = [];
+    for (let r = 0; r < this.dirty.length * 8; r++) if (this.dirty[r >> 3]! & (1 << (r & 7))) dirtyRegions.push(r);
+    for (const r of dirtyRegions) {
+      const end = Math.min(this.size, (r + 1) * DIRTY_SPAN);
+      for (let at = r * DIRTY_SPAN; at < end; at += MiB) {
+        const n = Math.min(MiB, end - at);
+        const ct = await this.img.read(at, n);
+        const tags = Buffer.alloc(Math.ceil(n / this.unitSize) * TAG_BYTES);
+        tagUnits(this.key.mac, this.unitSize, at / this.unitSize, ct, tags);
+        await (this.img as VhdxWritable).writeRegion(TAG_REGION, (at / this.unitSize) * TAG_BYTES, tags);
+      }
+    }
+    if (dirtyRegions.length > 0) {
+      await (this.img as VhdxWritable).flush();
+      this.onEvent({ kind: 'retagged', regions: dirtyRegions.length, message: `${dirtyRegions.length} region(s) of ${DIRTY_SPAN / MiB} MiB were being written when the disk was last closed uncleanly; their tags were rebuilt from their contents` });
+    }
+    this.dirty = Buffer.alloc(Math.ceil(Math.ceil(this.size / DIRTY_SPAN) / 8));
+    await this.saveItem({ generation: this.item.generation + 1n });
+  }
+
+  private async saveItem(change: { generation?: bigint } = {}): Promise<void> {
+    const bytes = reseal(this.item, this.key, { currentTransportKey: Buffer.alloc(0), dirty: Buffer.from(this.dirty), ...change });
+    await (this.img as VhdxWritable).setUserItem(SHIELD_ITEM, bytes, { required: true });
+    this.item = parseShieldItem(bytes);
+  }
+
+  /** Integrity mode: the regions a write touches are marked dirty (durably) before its data lands. */
+  private async markDirty(offset: number, length: number): Promise<void> {
+    const first = Math.floor(offset / DIRTY_SPAN);
+    const last = Math.floor((offset + length - 1) / DIRTY_SPAN);
+    let clean = false;
+    for (let r = first; r <= last; r++) if (!(this.dirty[r >> 3]! & (1 << (r & 7)))) clean = true;
+    if (!clean) return;
+    const run = this.itemUpdate.then(async () => {
+      let changed = false;
+      for (let r = first; r <= last; r++) {
+        if (!(this.dirty[r >> 3]! & (1 << (r & 7)))) {
+          this.dirty[r >> 3]! |= 1 << (r & 7);
+          changed = true;
+        }
+      }
+      if (changed) await this.saveItem();
+    });
+    this.itemUpdate = run.catch(() => undefined);
+    await run;
+  }
+
+  /** Integrity mode: checks every unit of `ct` (which starts at `start`) against its tag; a failure is reported and thrown. */
+  private async verify(start: number, ct: Buffer): Promise<void> {
+    const first = start / this.unitSize;
+    const tags = Buffer.alloc(Math.ceil(ct.length / this.unitSize) * TAG_BYTES);
+    await this.img.regionBytes(TAG_REGION, first * TAG_BYTES, tags);
+    const bad = firstBadUnit(this.key.mac, this.unitSize, first, ct, tags);
+    if (bad < 0) return;
+    const unit = first + bad;
+    const offset = unit * this.unitSize;
+    const region = Math.floor(offset / DIRTY_SPAN);
+    const hint = this.dirty[region >> 3]! & (1 << (region & 7)) ? ' (the disk was closed uncleanly while this region was being written; opening it read-write re-tags it)' : '';
+    const message = `Integrity check failed for data unit ${unit} (bytes ${offset}–${offset + this.unitSize - 1}): the disk was modified outside ShieldLab${hint}. No data was returned.`;
+    this.onEvent({ kind: 'violation', unit, offset, message });
+    throw new ShieldError('integrity_violation', message);
   }
 
   private check(offset: number, length: number): void {
@@ -294,7 +425,13 @@ export class ShieldedDisk {
     const { first, start, end } = this.span(offset, length);
     const aligned = start === offset && end === offset + length;
     const ct = aligned ? out : Buffer.allocUnsafe(end - start);
-    await this.img.read(start, end - start, ct);
+    const load = async () => {
+      await this.img.read(start, end - start, ct);
+      if (this.integrity) await this.verify(start, ct);
+    };
+    // In integrity mode a read must not see a unit between its data and its tag being written.
+    if (this.integrity) await this.locks.hold(first, first + Math.ceil((end - start) / this.unitSize) - 1, load);
+    else await load();
     xtsUnits('decrypt', this.key.xts, this.unitSize, first, ct, ct);
     if (!aligned) ct.copy(out, 0, offset - start, offset - start + length);
     return out;
@@ -306,27 +443,44 @@ export class ShieldedDisk {
     if (data.length === 0) return;
     const { first, start, end } = this.span(offset, data.length);
     const units = Math.ceil((end - start) / this.unitSize);
+    if (this.integrity) await this.markDirty(start, end - start);
     await this.locks.hold(first, first + units - 1, async () => {
       const buf = Buffer.allocUnsafe(end - start);
       if (start !== offset || end !== offset + data.length) {
         await this.img.read(start, end - start, buf); // read-modify-write of the edge units
+        if (this.integrity) await this.verify(start, buf);
         xtsUnits('decrypt', this.key.xts, this.unitSize, first, buf, buf);
       }
       data.copy(buf, offset - start);
       xtsUnits('encrypt', this.key.xts, this.unitSize, first, buf, buf);
       await w.write(start, buf);
+      if (this.integrity) {
+        const tags = Buffer.alloc(units * TAG_BYTES);
+        tagUnits(this.key.mac, this.unitSize, first, buf, tags);
+        await w.writeRegion(TAG_REGION, first * TAG_BYTES, tags);
+      }
     });
-    if (fua) await w.flush();
+    if (fua) await this.flush();
   }
 
+  /** Everything written so far is durable; in integrity mode the dirty regions are then marked clean. */
   async flush(): Promise<void> {
     if (this.readOnly) return;
     await this.writable().flush();
+    if (this.integrity && this.dirty.some((b) => b !== 0)) {
+      const run = this.itemUpdate.then(async () => {
+        this.dirty.fill(0);
+        await this.saveItem();
+      });
+      this.itemUpdate = run.catch(() => undefined);
+      await run;
+    }
   }
 
-  /** A discard: whole blocks are given back and read as zeros; anything else is only a hint. */
+  /** A discard: whole blocks are given back and read as zeros; anything else is only a hint. Integrity disks keep every unit. */
   async trim(offset: number, length: number): Promise<void> {
     this.check(offset, length);
+    if (this.integrity) return;
     await this.writable().discard(offset, length);
   }
 
@@ -335,6 +489,13 @@ export class ShieldedDisk {
     this.check(offset, length);
     const w = this.writable();
     const u = this.unitSize;
+    if (this.integrity) {
+      // Every unit stays written and tagged: zeros are encrypted like any data.
+      const chunk = Buffer.alloc(Math.min(length, MiB));
+      for (let at = 0; at < length; at += chunk.length) await this.write(offset + at, chunk.subarray(0, Math.min(chunk.length, length - at)));
+      if (fua) await this.flush();
+      return;
+    }
     const innerStart = Math.ceil(offset / u) * u;
     const innerEnd = Math.floor((offset + length) / u) * u;
     if (innerStart >= innerEnd) {
@@ -344,7 +505,7 @@ export class ShieldedDisk {
       await this.locks.hold(innerStart / u, innerEnd / u - 1, () => w.writeZeroes(innerStart, innerEnd - innerStart));
       if (offset + length > innerEnd) await this.write(innerEnd, Buffer.alloc(offset + length - innerEnd));
     }
-    if (fua) await w.flush();
+    if (fua) await this.flush();
   }
 
   /** Allocation by block: unallocated and zero blocks are holes that read as zeros. */
@@ -368,14 +529,20 @@ export class ShieldedDisk {
   /** Rewrites the shield item (grant/revoke: another KP; roll: another transport key); the payload is untouched. */
   async reseal(change: { kp?: Buffer; transportKey?: Buffer; currentTransportKey: Buffer }): Promise<void> {
     const w = this.writable();
-    await w.setUserItem(SHIELD_ITEM, reseal(this.item, this.key, change), { required: true });
+    const bytes = reseal(this.item, this.key, { ...change, dirty: Buffer.from(this.dirty) });
+    await w.setUserItem(SHIELD_ITEM, bytes, { required: true });
+    this.item = parseShieldItem(bytes);
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
-    this.closed = true;
-    this.key.wipe();
-    await this.img.close();
+    try {
+      if (!this.readOnly && this.integrity) await this.flush();
+    } finally {
+      this.closed = true;
+      this.key.wipe();
+      await this.img.close();
+    }
   }
 }
 

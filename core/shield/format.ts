@@ -2,8 +2,9 @@
 // so that QEMU and every spec-following reader refuse to open the file as a plain disk.
 //
 //   "SLSHIELD" | version u16 | flags u16 (bit 0: integrity) | unit size u32 | cipher u16 |
-//   reserved u16 | disk id (16) | generation u64 | KP length u32 | KP bytes |
-//   wrapped data key: nonce (12) | ciphertext (96) | tag (16) | HMAC-SHA-256 of all before (32)
+//   reserved u16 | disk id (16) | generation u64 | KP length u32 | dirty length u32 | KP bytes |
+//   dirty-region bitmap (integrity mode) | wrapped data key: nonce (12) | ciphertext (96) |
+//   tag (16) | HMAC-SHA-256 of all before (32)
 //
 // The data key (64 bytes of XTS key + 32 bytes of MAC key) is random per disk and never changes:
 // it is wrapped with AES-256-GCM under a key derived by HKDF from the KP's transport key, so a
@@ -18,7 +19,7 @@ export const SHIELD_ITEM = '9b1f6f2c-53a4-4b8e-a1d3-5c0e1d5e1d01';
 export const SHIELD_MAGIC = 'SLSHIELD';
 const VERSION = 1;
 const CIPHER_AES_256_XTS = 1;
-const FIXED = 8 + 2 + 2 + 4 + 2 + 2 + 16 + 8 + 4;
+const FIXED = 8 + 2 + 2 + 4 + 2 + 2 + 16 + 8 + 4 + 4;
 const WRAPPED = 12 + 96 + 16;
 const MAC = 32;
 export const DATA_KEY_BYTES = XTS_KEY_BYTES + 32;
@@ -32,9 +33,12 @@ export interface ShieldParams {
   /** The VHDX's Virtual Disk ID (binds the item to its disk). */
   diskId: string;
   generation: bigint;
+  /** Integrity mode: one bit per tag region of units that may have been written since the last flush. */
+  dirty?: Buffer;
 }
 
 export interface ShieldItem extends ShieldParams {
+  dirty: Buffer;
   kp: Buffer;
   wrapped: Buffer;
   /** Everything the MAC covers, and the MAC. */
@@ -87,7 +91,7 @@ function splitKey(raw: Buffer): DataKey {
   };
 }
 
-function header(p: ShieldParams, kpLength: number): Buffer {
+function header(p: ShieldParams, kpLength: number, dirtyLength: number): Buffer {
   checkUnitSize(p.unitSize);
   const h = Buffer.alloc(FIXED);
   h.write(SHIELD_MAGIC, 0, 'latin1');
@@ -98,6 +102,7 @@ function header(p: ShieldParams, kpLength: number): Buffer {
   guidBytes(p.diskId).copy(h, 20);
   h.writeBigUInt64LE(p.generation, 36);
   h.writeUInt32LE(kpLength, 44);
+  h.writeUInt32LE(dirtyLength, 48);
   return h;
 }
 
@@ -105,7 +110,7 @@ function header(p: ShieldParams, kpLength: number): Buffer {
 export function buildShieldItem(p: ShieldParams, kp: Buffer, transportKey: Buffer, key: DataKey): Buffer {
   const kek = deriveKey(transportKey, p.diskId, KEY_LABELS.diskKeyWrap);
   try {
-    const head = header(p, kp.length);
+    const head = header(p, kp.length, p.dirty?.length ?? 0);
     const nonce = randomBytes(12);
     const c = createCipheriv('aes-256-gcm', kek, nonce);
     // The AAD is the fixed header without the generation and KP length, which change without a re-wrap.
@@ -120,7 +125,8 @@ export function buildShieldItem(p: ShieldParams, kp: Buffer, transportKey: Buffe
 }
 
 function seal(p: ShieldParams, kp: Buffer, wrapped: Buffer, key: DataKey): Buffer {
-  const signed = Buffer.concat([header(p, kp.length), kp, wrapped]);
+  const dirty = p.dirty ?? Buffer.alloc(0);
+  const signed = Buffer.concat([header(p, kp.length, dirty.length), kp, dirty, wrapped]);
   const mac = createHmac('sha256', key.mac).update(signed).digest();
   return Buffer.concat([signed, mac]);
 }
@@ -141,15 +147,18 @@ export function parseShieldItem(bytes: Buffer): ShieldItem {
   }
   if (bytes.readUInt16LE(16) !== CIPHER_AES_256_XTS) throw bad(`unknown cipher ${bytes.readUInt16LE(16)}`);
   const kpLength = bytes.readUInt32LE(44);
-  if (FIXED + kpLength + WRAPPED + MAC !== bytes.length) throw bad('the shield item lengths do not add up');
+  const dirtyLength = bytes.readUInt32LE(48);
+  if (FIXED + kpLength + dirtyLength + WRAPPED + MAC !== bytes.length) throw bad('the shield item lengths do not add up');
   const kp = bytes.subarray(FIXED, FIXED + kpLength);
-  const wrapped = bytes.subarray(FIXED + kpLength, FIXED + kpLength + WRAPPED);
+  const dirty = bytes.subarray(FIXED + kpLength, FIXED + kpLength + dirtyLength);
+  const wrapped = bytes.subarray(FIXED + kpLength + dirtyLength, FIXED + kpLength + dirtyLength + WRAPPED);
   return {
     integrity: (flags & 1) === 1,
     unitSize,
     diskId: guidText(bytes.subarray(20, 36)),
     generation: bytes.readBigUInt64LE(36),
     kp: Buffer.from(kp),
+    dirty: Buffer.from(dirty),
     wrapped: Buffer.from(wrapped),
     signed: bytes.subarray(0, bytes.length - MAC),
     mac: bytes.subarray(bytes.length - MAC),
@@ -183,8 +192,8 @@ export function openShieldItem(item: ShieldItem, transportKey: Buffer): DataKey 
 }
 
 /** A new item with another KP and/or transport key and/or generation; the data key stays. */
-export function reseal(item: ShieldItem, key: DataKey, change: { kp?: Buffer; transportKey?: Buffer; currentTransportKey: Buffer; generation?: bigint }): Buffer {
-  const p: ShieldParams = { integrity: item.integrity, unitSize: item.unitSize, diskId: item.diskId, generation: change.generation ?? item.generation };
+export function reseal(item: ShieldItem, key: DataKey, change: { kp?: Buffer; transportKey?: Buffer; currentTransportKey: Buffer; generation?: bigint; dirty?: Buffer }): Buffer {
+  const p: ShieldParams = { integrity: item.integrity, unitSize: item.unitSize, diskId: item.diskId, generation: change.generation ?? item.generation, dirty: change.dirty ?? item.dirty };
   const kp = change.kp ?? item.kp;
   if (change.transportKey) return buildShieldItem(p, kp, change.transportKey, key);
   return seal(p, kp, item.wrapped, key);

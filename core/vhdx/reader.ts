@@ -78,6 +78,8 @@ export interface OpenOptions {
   readOnly?: boolean;
   /** User metadata items a caller understands (e.g. the shielded disk's key protector item). */
   knownUserItems?: readonly string[];
+  /** Regions a caller understands (e.g. the shielded disk's tag region), so a required one is accepted. */
+  knownRegions?: readonly string[];
   /**
    * A differencing disk's parent file, instead of the paths in its parent locator (relative ones
    * from the current directory). Its DataWriteGuid must still match the locator's parent_linkage.
@@ -206,7 +208,7 @@ export class VhdxImage {
       const tables = REGION_TABLE_OFFSETS.map((off) => parseRegionTable(section.subarray(off, off + REGION_TABLE_SIZE), source.size));
       const regions = tables.find((t): t is RegionEntry[] => Array.isArray(t));
       if (!regions) throw corrupt(`no valid region table (${tables.map((t, i) => `table ${i + 1}: ${(t as { invalid: string }).invalid}`).join('; ')})`);
-      for (const r of regions) if (r.required && r.name === 'unknown') throw unsupported(`required region ${r.guid} is unknown`);
+      for (const r of regions) if (r.required && r.name === 'unknown' && !opts.knownRegions?.includes(r.guid)) throw unsupported(`required region ${r.guid} is unknown`);
       const bat = regions.find((r) => r.guid === REGION.BAT);
       const meta = regions.find((r) => r.guid === REGION.METADATA);
       if (!bat || !meta) throw corrupt(`the ${bat ? 'metadata' : 'BAT'} region is missing`);
@@ -594,6 +596,20 @@ export class VhdxImage {
    * The bytes of a user metadata item the caller declared in `knownUserItems`, or null when the
    * file has no such item. Read on demand; never cached, so a writer's update is seen at once.
    */
+  async regionBytes(guid: string, offset: number, into: Buffer): Promise<Buffer> {
+    if (this.closed) throw new ShieldError('invalid_argument', 'The VHDX image is closed.');
+    const r = this.regionOf(guid, offset, into.length);
+    return this.source.readInto(into, r.fileOffset + offset, `region ${guid}`);
+  }
+
+  /** A region by GUID, with a range inside it checked. */
+  protected regionOf(guid: string, offset: number, length: number): RegionEntry {
+    const r = this.info.regions.find((x) => x.guid === guid);
+    if (!r) throw new ShieldError('invalid_argument', `The file has no region ${guid}.`);
+    if (!Number.isSafeInteger(offset) || offset < 0 || offset + length > r.length) throw new ShieldError('invalid_argument', `${length} bytes at ${offset} lie outside region ${guid} (${r.length} bytes).`);
+    return r;
+  }
+
   async userItem(itemId: string): Promise<Buffer | null> {
     if (this.closed) throw new ShieldError('invalid_argument', 'The VHDX image is closed.');
     const item = this.info.metadata.items.find((i) => i.isUser && i.itemId === itemId);

@@ -536,6 +536,48 @@ export class VhdxWritable extends VhdxImage {
    * lives yet and flushed, then both region tables switch to it in one log entry. Table 2 is
    * rewritten from the table in use, so a damaged copy is repaired on the way.
    */
+  /** Writes into a region of the caller's (e.g. the shielded disk's tag region): payload-like, not logged. */
+  async writeRegion(guid: string, offset: number, data: Buffer): Promise<void> {
+    if (this.closed) throw new ShieldError('invalid_argument', 'The VHDX image is closed.');
+    if (guid === REGION.BAT || guid === REGION.METADATA) throw new ShieldError('invalid_argument', 'The BAT and metadata regions change only through the log.');
+    const r = this.regionOf(guid, offset, data.length);
+    if (!this.session) await this.lock.exclusive(() => this.beginSession());
+    await this.lock.shared(() => writeAll(this.fh, data, r.fileOffset + offset));
+    this.dataWritten = true;
+  }
+
+  /**
+   * Adds a region at the end of the file (zero-filled) and lists it in both region tables in one
+   * log entry. Takes effect for this image's structures at the next open.
+   */
+  async addRegion(guid: string, length: number, required: boolean): Promise<number> {
+    if (!Number.isSafeInteger(length) || length <= 0 || length % MiB !== 0 || length > 0xffffffff - MiB + 1) throw new ShieldError('invalid_argument', `A region is a positive multiple of 1 MiB below 4 GiB, not ${length}.`);
+    return this.lock.exclusive(async () => {
+      await this.commitPending();
+      if (this.info.regions.some((r) => r.guid === guid)) throw new ShieldError('already_exists', `The file already has region ${guid}.`);
+      const at = this.eof;
+      await this.fh.truncate(at + length);
+      this.eof = at + length;
+      this.grow(at + length);
+      const used = REGION_TABLE_OFFSETS.map((o) => this.section.subarray(o, o + REGION_TABLE_SIZE)).find((t) => Array.isArray(parseRegionTable(t, this.info.fileSize)));
+      if (!used) throw corrupt('no valid region table');
+      const table = Buffer.from(used);
+      const count = table.readUInt32LE(8);
+      if (count >= 2047) throw unsupported('the region table is full');
+      const e = 16 + count * 32;
+      writeGuid(guid, table, e);
+      table.writeBigUInt64LE(BigInt(at), e + 16);
+      table.writeUInt32LE(length, e + 24);
+      table.writeUInt32LE(required ? 1 : 0, e + 28);
+      table.writeUInt32LE(count + 1, 8);
+      table.writeUInt32LE(0, 4);
+      table.writeUInt32LE(crc32c(table), 4);
+      await this.fh.datasync(); // the zero-filled region exists before any table points at it
+      await this.commit(this.tableSectors(table));
+      return at;
+    });
+  }
+
   async relocateBat(length: number): Promise<void> {
     await this.lock.exclusive(async () => {
       await this.commitPending();

@@ -44,15 +44,24 @@ async function randomWrites(img: VhdxWritable, mirror: Buffer, seed: number, cou
   const sector = img.info.metadata.logicalSectorSize;
   const size = mirror.length;
   const pending: Promise<void>[] = [];
+  const ranges: [number, number][] = [];
   for (let i = 0; i < count; i++) {
     const length = sector * (1 + Math.floor(r() * (i % 5 === 0 ? 2048 : 16)));
     const offset = Math.floor((r() * (size - length)) / sector) * sector;
     const data = Buffer.alloc(length);
     for (let j = 0; j < length; j += 512) data.fill(1 + Math.floor(r() * 255), j, j + 512);
     data.copy(mirror, offset);
-    // A few in flight at once, as an NBD client sends them (never overlapping ones: their order would be undefined).
+    // A few in flight at once, as an NBD client sends them — never overlapping ones: their order would be undefined.
+    if (ranges.some(([a, b]) => offset < b && a < offset + length)) {
+      await Promise.all(pending.splice(0));
+      ranges.length = 0;
+    }
     pending.push(img.write(offset, data));
-    if (pending.length >= 4 || i % 7 === 0) await Promise.all(pending.splice(0));
+    ranges.push([offset, offset + length]);
+    if (pending.length >= 4 || i % 7 === 0) {
+      await Promise.all(pending.splice(0));
+      ranges.length = 0;
+    }
     if (i % 13 === 12) await img.flush();
   }
   await Promise.all(pending);

@@ -91,7 +91,7 @@ test('shield item: round trip, wrong transport key, any flipped bit, KP swap, re
   }
   assert.deepEqual([...seen].sort(), ['shield_invalid', 'shield_key_mismatch', 'shield_tampered']);
   // Another KP under the same wrapped key: the MAC (made with the data key) refuses a KP swapped in by hand.
-  const swapped = Buffer.concat([bytes.subarray(0, 44), Buffer.from([kp.length + 1, 0, 0, 0]), kp, Buffer.from('x'), bytes.subarray(48 + kp.length)]);
+  const swapped = Buffer.concat([bytes.subarray(0, 44), Buffer.from([kp.length + 1, 0, 0, 0]), bytes.subarray(48, 52), kp, Buffer.from('x'), bytes.subarray(52 + kp.length)]);
   assert.equal(code(() => openShieldItem(parseShieldItem(swapped), tk)), 'shield_tampered');
   // Grant/revoke (new KP) and roll (new transport key) keep the data key.
   const tk2 = randomBytes(32);
