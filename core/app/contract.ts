@@ -263,6 +263,17 @@ export const DiskShielded = z.object({
   kp: KpInfo,
 });
 
+export const DiskServed = z.object({
+  file: z.string(),
+  socket: z.string(),
+  uri: z.string(),
+  readOnly: z.boolean(),
+  generation: z.string().nullable(),
+  connections: z.number(),
+  bytesRead: z.number(),
+  bytesWritten: z.number(),
+});
+
 export const DiskUnshielded = z.object({ input: z.string(), output: z.string(), to: DiskFormat, virtualSize: z.number(), dataBlocks: z.number() });
 
 const guardianName = z.string().min(1).max(64);
@@ -634,6 +645,17 @@ export const contract = {
     result: DiskUnshielded,
     needs: 'unlocked',
     progress: true,
+  }),
+  'disk.serve': method({
+    summary: 'Serve a shielded disk decrypted over NBD on a private Unix socket until stopped (Ctrl-C, SIGTERM): the host must be attested and allowed by the key protector',
+    cli: { path: ['disk', 'serve'], positional: ['file'] },
+    args: z.object({
+      file: path,
+      socket: path.optional().describe('the Unix socket to create (its folder must be yours alone; default: a new private folder)'),
+      readOnly: z.boolean().default(false).describe('refuse writes'),
+    }),
+    result: DiskServed,
+    needs: 'unlocked',
   }),
   'disk.info': method({
     summary: 'A shielded disk: structure, encryption and its key protector in words (no key needed)',

@@ -7,6 +7,9 @@ import { wipe } from '../crypto/mod.ts';
 import type { Vault } from '../vault/mod.ts';
 import { createKeyProtector, grantGuardian, parseKeyProtector, revokeGuardian, unwrapTransportKey, type HeldGuardian, type KeyProtector } from '../guardian/key-protector.ts';
 import { ShieldedDisk, readShieldItem, shieldImage, unshieldImage, type DiskFormat } from '../shield/mod.ts';
+import { releaseTransportKey } from '../guardian/release.ts';
+import { AttestationService } from '../attestation/service.ts';
+import { startNbdServer } from '../nbd/mod.ts';
 import type { DiskInfo, MethodName, ParsedArgs, Result } from './contract.ts';
 import { describeKp, heldOwnerOf, ownerForNewKp, registerKp, storeOf } from './guardian-handlers.ts';
 import type { CallContext } from './service.ts';
@@ -142,6 +145,59 @@ export function diskHandlers(vault: () => Vault, progress: Progress): { [M in Di
     },
 
     'disk.info': async (args) => info(args.file),
+
+    'disk.serve': async (args, ctx) => {
+      const v = vault();
+      const { item } = await readShieldItem(args.file);
+      const a = new AttestationService(v);
+      // The release gate: KP signatures, a guardian held here, a valid health certificate, policy. Audited.
+      const { transportKey } = releaseTransportKey(item.kp, { vault: v, guardians: store(), attestation: a, healthCertificate: a.currentEncoded(), purpose: `disk.serve ${args.file}` });
+      let disk: ShieldedDisk;
+      try {
+        disk = await ShieldedDisk.open(args.file, transportKey, {
+          readOnly: args.readOnly,
+          lastSeenGeneration: item.integrity ? lastSeenGeneration(v, item.diskId) : null,
+          onIntegrityEvent: (e) => v.record({ action: `disk.integrity.${e.kind}`, outcome: e.kind === 'violation' ? 'refused' : 'ok', subject: args.file, reason: e.message }),
+        });
+      } catch (err) {
+        const code = (err as { code?: string }).code;
+        if (code === 'shield_rollback') v.record({ action: 'disk.serve', outcome: 'refused', subject: args.file, reason: 'rollback' });
+        throw err;
+      } finally {
+        wipe(transportKey); // the disk holds only the data key derived through it
+      }
+      try {
+        if (disk.integrity) rememberGeneration(v, disk.diskId, disk.generation);
+        const server = await startNbdServer({
+          disk,
+          ...(args.socket ? { socketPath: args.socket } : {}),
+          description: `ShieldLab shielded disk ${disk.diskId}`,
+          log: () => undefined,
+        });
+        const uri = `nbd+unix:///?socket=${server.socketPath}`;
+        v.record({ action: 'disk.serve', outcome: 'ok', subject: `${args.file} on ${server.socketPath}` });
+        ctx.notice?.(`Serving ${args.file} (${disk.size} bytes${args.readOnly ? ', read-only' : ''}) on ${uri} — Ctrl-C to stop.`);
+        await new Promise<void>((resolve) => {
+          if (!ctx.signal) return; // nothing can stop it: only a front door with a stop signal serves
+          if (ctx.signal.aborted) resolve();
+          ctx.signal.addEventListener('abort', () => resolve(), { once: true });
+        });
+        const stats = server.stats();
+        await server.close();
+        return {
+          file: args.file,
+          socket: server.socketPath,
+          uri,
+          readOnly: args.readOnly,
+          generation: disk.integrity ? disk.generation.toString() : null,
+          connections: stats.connectionsTotal,
+          bytesRead: stats.bytesRead,
+          bytesWritten: stats.bytesWritten,
+        };
+      } finally {
+        await disk.close();
+      }
+    },
 
     'disk.grant': async (args) => {
       const s = store();

@@ -17,8 +17,10 @@ import { OsKeychain, Vault, restoreBackup, writeBackup, type Keychain, type Prot
 export interface CallContext {
   callId?: string;
   onProgress?: (e: ProgressEvent) => void;
-  /** Cancels long work (conversions); what was half-made is removed. */
+  /** Cancels long work (conversions); what was half-made is removed. Stops a server that runs until stopped. */
   signal?: AbortSignal;
+  /** A line for the person at the front door while the call runs (e.g. where a server listens). */
+  notice?: (text: string) => void;
 }
 
 export interface AppOptions {

@@ -125,6 +125,8 @@ export function formatHuman(method: MethodName, result: unknown): string {
       const kp = r.kp as { kpId: string; summary: string };
       return `Shielded ${String(r.input)} (${String(r.from)}) into ${String(r.output)}: ${String(r.virtualSize)} bytes, ${String(r.dataBlocks)} of ${String(r.blocks)} blocks hold data, ${String(r.unitSize)}-byte units (file ${String(r.fileSize)} bytes).\nKey protector ${kp.kpId}: ${kp.summary}\n`;
     }
+    case 'disk.serve':
+      return `Stopped serving ${String(r.file)}: ${String(r.connections)} connection(s), ${String(r.bytesRead)} bytes read, ${String(r.bytesWritten)} bytes written${r.generation ? `, generation ${String(r.generation)}` : ''}.\n`;
     case 'disk.unshield':
       return `Decrypted ${String(r.input)} into ${String(r.output)} (${String(r.to)}): ${String(r.virtualSize)} bytes, ${String(r.dataBlocks)} blocks hold data.\n`;
     case 'vhdx.check':

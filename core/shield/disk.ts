@@ -485,12 +485,12 @@ export class ShieldedDisk {
   }
 
   /** Zeros: whole blocks become ZERO blocks, whole units all-zero ciphertext, edges are rewritten. */
-  async writeZeroes(offset: number, length: number, fua = false): Promise<void> {
+  async writeZeroes(offset: number, length: number, fua = false, opts: { noHole?: boolean } = {}): Promise<void> {
     this.check(offset, length);
     const w = this.writable();
     const u = this.unitSize;
-    if (this.integrity) {
-      // Every unit stays written and tagged: zeros are encrypted like any data.
+    if (this.integrity || opts.noHole) {
+      // Integrity: every unit stays written and tagged. NO_HOLE: the range stays allocated. Zeros are encrypted like any data.
       const chunk = Buffer.alloc(Math.min(length, MiB));
       for (let at = 0; at < length; at += chunk.length) await this.write(offset + at, chunk.subarray(0, Math.min(chunk.length, length - at)));
       if (fua) await this.flush();
@@ -506,6 +506,12 @@ export class ShieldedDisk {
       if (offset + length > innerEnd) await this.write(innerEnd, Buffer.alloc(offset + length - innerEnd));
     }
     if (fua) await this.flush();
+  }
+
+  /** Whole blocks of a plain (non-integrity) disk are zeroed by a BAT change alone. */
+  canZeroFast(offset: number, length: number): boolean {
+    const bs = this.img.info.metadata.blockSize;
+    return !this.integrity && offset % bs === 0 && (length % bs === 0 || offset + length === this.size);
   }
 
   /** Allocation by block: unallocated and zero blocks are holes that read as zeros. */
