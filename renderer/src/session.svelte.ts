@@ -1,7 +1,7 @@
 // The renderer's view of the vault: its status, read through the bridge and kept fresh by the
 // `state` events the app pushes (unlocks and locks from any front door, auto-lock on idle).
 import type { Args, MethodName, Result } from '../../core/app/contract.ts';
-import { api, BridgeError, describeError } from './bridge.ts';
+import { api, BridgeError, describeError, type CallOptions } from './bridge.ts';
 
 export type VaultStatus = Result<'vault.status'>;
 export type Phase = 'loading' | 'blocked' | 'none' | 'locked' | 'unlocked';
@@ -39,9 +39,9 @@ class Session {
   }
 
   /** api.call, plus a status refresh when the answer says our picture is out of date. */
-  async call<M extends MethodName>(method: M, args: Args<M>): Promise<Result<M>> {
+  async call<M extends MethodName>(method: M, args: Args<M>, opts?: CallOptions): Promise<Result<M>> {
     try {
-      return await api.call(method, args);
+      return await api.call(method, args, opts);
     } catch (err) {
       if (err instanceof BridgeError && STALE.has(err.code)) void this.refresh();
       throw err;

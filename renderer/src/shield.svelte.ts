@@ -74,6 +74,21 @@ export const inspector = $state({ path: '' });
 
 export const NOT_BACKED_UP = 'Not backed up — export a PFX or make a vault backup before it can own a key protector';
 
+export type AttestationMode = KpInfo['policy']['modes'][number];
+
+/** The attestation modes a key protector's policy may allow, in the order forms offer them. */
+export const MODES: readonly { mode: AttestationMode; label: string; help: string }[] = [
+  { mode: 'tpm', label: 'TPM', help: 'measured boot, checked against a baseline' },
+  { mode: 'host-key', label: 'Host key', help: 'a registered host key' },
+  { mode: 'ad-group', label: 'AD group', help: 'membership of a trusted group' },
+];
+
+/** Why a guardian cannot own a new key protector (or shielded disk) here; null when it can. */
+export function ownerProblem(g: Guardian): 'public only' | 'not backed up' | null {
+  if (!g.hasPrivateKeys) return 'public only';
+  return g.backedUpAt ? null : 'not backed up';
+}
+
 /** "DC0294D7…5DF5": enough to tell thumbprints apart at a glance; the full one goes in a title. */
 export function shortId(id: string, head = 8, tail = 4): string {
   return id.length > head + tail + 1 ? `${id.slice(0, head)}…${id.slice(-tail)}` : id;

@@ -6,6 +6,7 @@ import VaultView from './views/VaultView.svelte';
 import AuditView from './views/AuditView.svelte';
 import GuardiansView from './views/GuardiansView.svelte';
 import KeyProtectorsView from './views/KeyProtectorsView.svelte';
+import DisksView from './views/DisksView.svelte';
 
 export interface ViewEntry {
   /** The URL fragment: #/vault */
@@ -20,6 +21,7 @@ export const views: readonly [ViewEntry, ...ViewEntry[]] = [
   { id: 'vault', label: 'Vault', needs: 'unlocked', component: VaultView },
   { id: 'guardians', label: 'Guardians', needs: 'unlocked', component: GuardiansView },
   { id: 'key-protectors', label: 'Key protectors', needs: 'unlocked', component: KeyProtectorsView },
+  { id: 'disks', label: 'Disks', needs: 'unlocked', component: DisksView },
   { id: 'audit', label: 'Audit', needs: 'unlocked', component: AuditView },
 ];
 

@@ -1,5 +1,5 @@
 // Helpers for the e2e specs: the real `shieldlab serve` on a fresh home (it serves the built
-// renderer from dist/renderer), and a watch on the page's console.
+// renderer from dist/renderer), its API for setup, and a watch on the page's console.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import type { Page } from '@playwright/test';
+import type { Args, CallOutcome, MethodName, Result } from '../../core/app/contract.ts';
 
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 const NODE = join(ROOT, 'node_modules/.bin/node');
@@ -48,6 +49,19 @@ export async function stop(s: Serving): Promise<void> {
     clearTimeout(timer);
   }
   await rm(s.home, { recursive: true, force: true });
+}
+
+/** The API without the page, for a spec's setup: the bearer token from the printed URL, JSON in and out. */
+export async function call<M extends MethodName>(s: Serving, method: M, args: Args<M>): Promise<Result<M>> {
+  const token = new URL(s.url).searchParams.get('token') ?? '';
+  const res = await fetch(`${s.origin}/api/call/${method}`, {
+    method: 'POST',
+    headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/json' },
+    body: JSON.stringify(args),
+  });
+  const outcome = (await res.json()) as CallOutcome<M>;
+  if (!outcome.ok) throw new Error(`${method} failed: ${outcome.error.code}: ${outcome.error.message}`);
+  return outcome.result;
 }
 
 /** Console errors (CSP violations included) and uncaught exceptions. Refusals the API answers with
