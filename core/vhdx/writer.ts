@@ -278,9 +278,30 @@ export class VhdxWritable extends VhdxImage {
   private async syncRegionTables(): Promise<void> {
     const tables = REGION_TABLE_OFFSETS.map((o) => this.section.subarray(o, o + REGION_TABLE_SIZE));
     if (tables[0]!.equals(tables[1]!)) return;
-    const used = tables.find((t) => Array.isArray(parseRegionTable(t, this.info.fileSize)));
+    await this.commit(this.tableSectors(this.regionTableInUse()));
+  }
+
+  /** A copy of the region table in use (the first valid one, as the reader chose). */
+  private regionTableInUse(): Buffer {
+    const used = REGION_TABLE_OFFSETS.map((o) => this.section.subarray(o, o + REGION_TABLE_SIZE)).find((t) => Array.isArray(parseRegionTable(t, this.info.fileSize)));
     if (!used) throw corrupt('no valid region table');
-    await this.commit(this.tableSectors(Buffer.from(used)));
+    return Buffer.from(used);
+  }
+
+  /** Seals an edited region table and commits it to both copies through the log. */
+  private async commitRegionTable(table: Buffer): Promise<void> {
+    table.writeUInt32LE(0, 4);
+    table.writeUInt32LE(crc32c(table), 4);
+    await this.commit(this.tableSectors(table));
+  }
+
+  /** Space for a new structure at the end of the file, zero-filled; returns where it starts. */
+  private async extendFile(length: number): Promise<number> {
+    const at = this.eof;
+    await this.fh.truncate(at + length);
+    this.eof = at + length;
+    this.grow(at + length);
+    return at;
   }
 
   /** The 4 KiB sectors of both region tables that differ from `table`. */
@@ -555,13 +576,8 @@ export class VhdxWritable extends VhdxImage {
     return this.lock.exclusive(async () => {
       await this.commitPending();
       if (this.info.regions.some((r) => r.guid === guid)) throw new ShieldError('already_exists', `The file already has region ${guid}.`);
-      const at = this.eof;
-      await this.fh.truncate(at + length);
-      this.eof = at + length;
-      this.grow(at + length);
-      const used = REGION_TABLE_OFFSETS.map((o) => this.section.subarray(o, o + REGION_TABLE_SIZE)).find((t) => Array.isArray(parseRegionTable(t, this.info.fileSize)));
-      if (!used) throw corrupt('no valid region table');
-      const table = Buffer.from(used);
+      const at = await this.extendFile(length);
+      const table = this.regionTableInUse();
       const count = table.readUInt32LE(8);
       if (count >= 2047) throw unsupported('the region table is full');
       const e = 16 + count * 32;
@@ -570,10 +586,7 @@ export class VhdxWritable extends VhdxImage {
       table.writeUInt32LE(length, e + 24);
       table.writeUInt32LE(required ? 1 : 0, e + 28);
       table.writeUInt32LE(count + 1, 8);
-      table.writeUInt32LE(0, 4);
-      table.writeUInt32LE(crc32c(table), 4);
-      await this.fh.datasync(); // the zero-filled region exists before any table points at it
-      await this.commit(this.tableSectors(table));
+      await this.commitRegionTable(table); // commit() flushes first: the region exists before a table points at it
       return at;
     });
   }
@@ -581,17 +594,12 @@ export class VhdxWritable extends VhdxImage {
   async relocateBat(length: number): Promise<void> {
     await this.lock.exclusive(async () => {
       await this.commitPending();
-      const at = this.eof;
+      const at = await this.extendFile(length);
       for (let done = 0; done < this.bat.length; done += MiB) {
         const n = Math.min(MiB, this.bat.length - done);
         await writeAll(this.fh, await this.src.read(this.bat.fileOffset + done, n, 'the BAT'), at + done);
       }
-      await this.fh.truncate(at + length);
-      this.eof = at + length;
-      this.grow(at + length);
-      const used = REGION_TABLE_OFFSETS.map((o) => this.section.subarray(o, o + REGION_TABLE_SIZE)).find((t) => Array.isArray(parseRegionTable(t, this.info.fileSize)));
-      if (!used) throw corrupt('no valid region table');
-      const table = Buffer.from(used);
+      const table = this.regionTableInUse();
       const count = table.readUInt32LE(8);
       let found = false;
       for (let i = 0; i < count; i++) {
@@ -602,9 +610,7 @@ export class VhdxWritable extends VhdxImage {
         found = true;
       }
       if (!found) throw corrupt('the BAT region is missing');
-      table.writeUInt32LE(0, 4);
-      table.writeUInt32LE(crc32c(table), 4);
-      await this.commit(this.tableSectors(table));
+      await this.commitRegionTable(table); // commit() flushes first: the copy is durable before a table points at it
       await this.fh.datasync();
     });
   }
