@@ -4,7 +4,6 @@ import { fileURLToPath } from 'node:url';
 import { dirname, join, resolve } from 'node:path';
 import { contract, METHOD_NAMES, type MethodName, type MethodSpec, type ProgressEvent } from '../app/contract.ts';
 import { ShieldLabApp, defaultHome } from '../app/service.ts';
-import { startServer } from '../server/server.ts';
 import { ShieldError, toShieldError } from '../errors.ts';
 import { fieldsOf, flagUsage, type FieldInfo } from './flags.ts';
 import { formatHuman, exitStatusFor } from './format.ts';
@@ -200,6 +199,8 @@ async function serve(flags: Map<string, string[]>, globals: Globals, app: Shield
   if (!Number.isInteger(port) || port < 0 || port > 65535) throw usage(`--port takes 0–65535, not "${portText}"`);
   const staticDir = rendererDir();
   if (!staticDir) process.stderr.write('shieldlab: the renderer is not built (run `npm run build`); serving the API only.\n');
+  // Loaded here: the HTTP/WebSocket stack is only for `serve`, and every other command starts faster without it.
+  const { startServer } = await import('../server/server.ts');
   const server = await startServer({ app, port, staticDir: staticDir ?? '/nonexistent', log: (l) => process.stderr.write(`shieldlab serve: ${l}\n`) });
   if (globals.json) process.stdout.write(`${JSON.stringify({ url: server.url, port: server.port })}\n`);
   else process.stdout.write(`ShieldLab web mode on 127.0.0.1 (loopback only). Open:\n  ${server.url}\n`);
@@ -212,11 +213,32 @@ async function serve(flags: Map<string, string[]>, globals: Globals, app: Shield
   return 0;
 }
 
+/** Bytes in binary units, as people read sizes. */
+function human(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let v = bytes;
+  let u = 0;
+  while (v >= 1024 && u < units.length - 1) {
+    v /= 1024;
+    u++;
+  }
+  return `${v >= 100 || u === 0 ? v.toFixed(0) : v.toFixed(1)} ${units[u]}`;
+}
+
 function progressPrinter(globals: Globals) {
+  const started = performance.now();
   return (e: ProgressEvent) => {
     if (globals.json || !process.stderr.isTTY) return;
     const pct = e.total ? Math.floor((100 * e.done) / e.total) : 100;
-    process.stderr.write(`\r${e.phase}: ${e.done}/${e.total} ${e.unit} (${pct}%)${e.done >= e.total ? '\n' : ''}`);
+    let line = `${e.phase}: ${e.done}/${e.total} ${e.unit} (${pct}%)`;
+    if (e.unit === 'bytes') {
+      // Rate over the whole run so far; ETA from it (steadier than the last step's rate).
+      const secs = (performance.now() - started) / 1000;
+      const rate = secs > 0 ? e.done / secs : 0;
+      const eta = rate > 0 ? Math.ceil((e.total - e.done) / rate) : 0;
+      line = `${e.phase}: ${human(e.done)} of ${human(e.total)} (${pct}%), ${human(rate)}/s${e.done < e.total ? `, ${eta} s left` : ''}`;
+    }
+    process.stderr.write(`\r${line}\x1b[K${e.done >= e.total ? '\n' : ''}`);
   };
 }
 
@@ -263,7 +285,8 @@ export async function run(argv: string[]): Promise<number> {
     process.once('SIGTERM', onSignal);
     let result: unknown;
     try {
-      result = await app.invoke(found.method, args, { onProgress: progressPrinter(globals), signal: cancel.signal });
+      const notice = (text: string) => process.stderr.write(globals.json ? `${JSON.stringify({ notice: text })}\n` : `${text}\n`);
+      result = await app.invoke(found.method, args, { onProgress: progressPrinter(globals), signal: cancel.signal, notice });
     } finally {
       process.off('SIGINT', onSignal);
       process.off('SIGTERM', onSignal);

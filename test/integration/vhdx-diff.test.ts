@@ -15,7 +15,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdirSync, readFileSync, readdirSync, readlinkSync, realpathSync, writeFileSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { createDifferencingVhdx, MAX_PARENT_CHAIN, openVhdx, parseParentLocator, type VhdxInfo } from '../../core/vhdx/mod.ts';
+import { convertVhdxToRaw, createDifferencingVhdx, MAX_PARENT_CHAIN, openVhdx, parseParentLocator, type VhdxInfo } from '../../core/vhdx/mod.ts';
 import { ShieldError } from '../../core/errors.ts';
 import { httpStatusFor } from '../../core/server/server.ts';
 import { cliJson, runCli, tempDir } from '../helpers/home.ts';
@@ -261,6 +261,11 @@ test('a chain of 3 (qemu-made dynamic base, crafted child and grandchild, 512-by
   assert.deepEqual(zeroBlocks, [5, 8]);
   await disk.close();
   assert.equal(fdsTo([gc.path, child.path, base.path]), 0);
+
+  // Converting the grandchild to raw gives the whole chain's bytes (parent data included, not skipped as holes).
+  const flat = join(dir, 'flat.raw');
+  await convertVhdxToRaw(gc.path, flat);
+  assert.ok(readFileSync(flat).equals(expected), 'vhdx → raw of a differencing disk equals the model');
 
   // The CLI shows the same, and the chain in words.
   const home = ['--home', join(dir, 'no-home')];
