@@ -278,6 +278,14 @@ export const DiskUnshielded = z.object({ input: z.string(), output: z.string(), 
 
 const guardianName = z.string().min(1).max(64);
 
+/** Who may run a VM, for a new key protector (kp create, disk shield). */
+const newKpArgs = {
+  owner: guardianName.describe('owner guardian (held here, backed up)'),
+  guardian: z.array(guardianName).max(64).meta({ commaList: true }).default([]).describe('another guardian allowed to run the VM'),
+  allowMode: z.array(AttestationMode).min(1).meta({ commaList: true }).default(['tpm', 'host-key']).describe('attestation modes that may release'),
+  allowHost: z.array(z.string().regex(/^[0-9a-f]{64}$/)).max(256).meta({ commaList: true }).default([]).describe('host id allowed to release (default: any attested host)'),
+};
+
 const protectionArgs = {
   passphrase: secretText().optional().describe('passphrase protecting the vault key'),
   keychain: z.boolean().default(true).describe('keep the vault key in the OS keychain (--no-keychain to skip)'),
@@ -479,10 +487,7 @@ export const contract = {
     summary: 'Create a key protector owned by a guardian of this host (the owner must be backed up)',
     cli: { path: ['kp', 'create'] },
     args: z.object({
-      owner: guardianName.describe('owner guardian (held here, backed up)'),
-      guardian: z.array(guardianName).max(64).meta({ commaList: true }).default([]).describe('another guardian allowed to run the VM'),
-      allowMode: z.array(AttestationMode).min(1).meta({ commaList: true }).default(['tpm', 'host-key']).describe('attestation modes that may release'),
-      allowHost: z.array(z.string().regex(/^[0-9a-f]{64}$/)).max(256).meta({ commaList: true }).default([]).describe('host id allowed to release (default: any attested host)'),
+      ...newKpArgs,
       out: path.describe('key protector file to write'),
     }),
     result: KpInfo,
@@ -627,10 +632,7 @@ export const contract = {
       input: path,
       out: path.describe('the shielded VHDX to write'),
       from: DiskFormat.optional().describe('input format (default: by extension)'),
-      owner: guardianName.describe('owner guardian (held here, backed up)'),
-      guardian: z.array(guardianName).max(64).meta({ commaList: true }).default([]).describe('another guardian allowed to run the VM'),
-      allowMode: z.array(AttestationMode).min(1).meta({ commaList: true }).default(['tpm', 'host-key']).describe('attestation modes that may release'),
-      allowHost: z.array(z.string().regex(/^[0-9a-f]{64}$/)).max(256).meta({ commaList: true }).default([]).describe('host id allowed to release (default: any attested host)'),
+      ...newKpArgs,
       unitSize: z.number().int().optional().describe('bytes per encrypted data unit, a power of two from 512 to 1M (default 4096)'),
       integrity: z.boolean().default(false).describe('per-unit tags: any edit, move or rollback of the file is detected (the disk is fully allocated)'),
     }),
