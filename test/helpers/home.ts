@@ -57,3 +57,19 @@ export async function cliJson<T = Record<string, unknown>>(args: string[], opts:
   }
   return { code: r.code, body, stderr: r.stderr };
 }
+
+/**
+ * A CLI step that must succeed (its JSON body) and one that must fail with exit 1 and a typed
+ * error code, each failing the test with the command and what it printed.
+ */
+export async function cliOk<T = Record<string, any>>(args: string[]): Promise<T> { // eslint-disable-line @typescript-eslint/no-explicit-any
+  const r = await cliJson<T>(args);
+  if (r.code !== 0) throw new Error(`${args.join(' ')} exited ${r.code}: ${JSON.stringify(r.body)} ${r.stderr}`);
+  return r.body;
+}
+
+export async function cliFails(args: string[], code: string): Promise<{ error: { code: string; message: string } }> {
+  const r = await cliJson<{ error: { code: string; message: string } }>(args);
+  if (r.code !== 1 || r.body.error?.code !== code) throw new Error(`${args.join(' ')} should fail with ${code} (exit 1), got exit ${r.code}: ${JSON.stringify(r.body)}`);
+  return r.body;
+}

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { cliJson, secretFile, tempDir } from '../helpers/home.ts';
+import { cliFails, cliJson, cliOk, secretFile, tempDir } from '../helpers/home.ts';
 import { MiB, makeImage, qemuImg, qemuMissing } from '../helpers/qemu.ts';
 import { rawLayout } from '../helpers/vhdx-raw.ts';
 
@@ -26,16 +26,8 @@ test('disk shield / info / unshield / grant / revoke across two hosts', { skip }
   const pfxPassword = secretFile(dir, 'pfx-pw', 'pfx password');
   const A = ['--home', join(dir, 'a'), '--passphrase-file', pp];
   const B = ['--home', join(dir, 'b'), '--passphrase-file', pp];
-  const ok = async (args: string[]) => {
-    const r = await cliJson<Json>(args);
-    assert.equal(r.code, 0, `${args.join(' ')}: ${JSON.stringify(r.body)} ${r.stderr}`);
-    return r.body;
-  };
-  const fails = async (args: string[], code: string) => {
-    const r = await cliJson<Json>(args);
-    assert.notEqual(r.code, 0, `${args.join(' ')} should fail: ${JSON.stringify(r.body)}`);
-    assert.equal(r.body.error?.code, code, JSON.stringify(r.body));
-  };
+  const ok = (args: string[]) => cliOk<Json>(args);
+  const fails = cliFails;
   for (const h of [A, B]) await ok([...h, 'vault', 'init', '--no-keychain', '--kdf-memory-mib', '16']);
   await ok([...A, 'guardian', 'create', 'Owner']);
   await ok([...B, 'guardian', 'create', 'HostB']);

@@ -9,7 +9,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { CLI, cliJson, secretFile, tempDir } from '../helpers/home.ts';
+import { CLI, cliJson, cliOk, secretFile, tempDir } from '../helpers/home.ts';
 import { MiB, qemuImg, qemuIo, qemuMissing } from '../helpers/qemu.ts';
 import { rawLayout } from '../helpers/vhdx-raw.ts';
 import { SHIELD_ITEM } from '../../core/shield/mod.ts';
@@ -41,11 +41,7 @@ test('raw → shielded → NBD → qemu-img: identical; writes survive restart a
   const pp = secretFile(dir, 'pp', 'host passphrase');
   const pfx = secretFile(dir, 'pfx', 'pfx password');
   const A = ['--home', join(dir, 'a'), '--passphrase-file', pp];
-  const ok = async (args: string[]) => {
-    const r = await cliJson<Json>(args);
-    assert.equal(r.code, 0, `${args.join(' ')}: ${JSON.stringify(r.body)} ${r.stderr}`);
-    return r.body;
-  };
+  const ok = (args: string[]) => cliOk<Json>(args);
   await ok([...A, 'vault', 'init', '--no-keychain', '--kdf-memory-mib', '16']);
   await ok([...A, 'guardian', 'create', 'Owner']);
   await ok([...A, 'guardian', 'export', 'Owner', '--pfx', '--out-dir', join(dir, 'backup'), '--password-file', pfx]);

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { cliJson, secretFile, tempDir } from '../helpers/home.ts';
+import { cliFails, cliJson, cliOk, secretFile, tempDir } from '../helpers/home.ts';
 
 type Json = Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
 
@@ -17,17 +17,8 @@ test('guardians, key protectors and release across two hosts', async (t) => {
   const A = ['--home', join(dir, 'a'), '--passphrase-file', pp];
   const B = ['--home', join(dir, 'b'), '--passphrase-file', pp];
   const kp = join(dir, 'lab-vm.slkp');
-  const ok = async (args: string[]) => {
-    const r = await cliJson<Json>(args);
-    assert.equal(r.code, 0, `${args.join(' ')}: ${JSON.stringify(r.body)} ${r.stderr}`);
-    return r.body;
-  };
-  const fails = async (args: string[], code: string) => {
-    const r = await cliJson<Json>(args);
-    assert.equal(r.code, 1, `${args.join(' ')} should fail: ${JSON.stringify(r.body)}`);
-    assert.equal(r.body.error?.code, code, JSON.stringify(r.body));
-    return r.body;
-  };
+  const ok = (args: string[]) => cliOk<Json>(args);
+  const fails = cliFails;
 
   for (const h of [A, B]) await ok([...h, 'vault', 'init', '--no-keychain', '--kdf-memory-mib', '16']);
   const owner = await ok([...A, 'guardian', 'create', 'Owner', '--host', 'host-a']);
