@@ -44,6 +44,7 @@ export function httpStatusFor(code: ErrorCode): number {
     case 'shield_invalid':
     case 'pfx_invalid':
     case 'guardian_invalid':
+    case 'eventlog_invalid':
       return 400;
     case 'unauthorized':
     case 'wrong_passphrase':
@@ -81,7 +82,11 @@ export function httpStatusFor(code: ErrorCode): number {
       return 423;
     case 'keychain_unavailable':
     case 'keychain_entry_missing':
+    case 'tpm_unavailable':
       return 503;
+    case 'tpm_error':
+    case 'tpm_malformed':
+      return 502;
     default:
       return 500;
   }
