@@ -16,17 +16,21 @@
 //
 // Backends are parameters: `--ours NAME[,NAME…] --peer NAME` from BACKENDS below (`ours-raw`:
 // RawFileDisk with its I/O in libuv's thread pool, as qemu-nbd's aio=threads; `ours-raw-inline`:
-// RawFileDisk with inlineIo; `qemu-nbd-raw`); a later backend (e.g. qemu-nbd over LUKS of the
-// shielded disk, or ours over the shielded VHDX) is one more entry there.
+// RawFileDisk with inlineIo; `qemu-nbd-raw`). Shielded disks (issue 5): `ours-shielded` and
+// `ours-shielded-integrity` serve a ShieldedDisk (core/shield, plain XTS / integrity mode) made
+// from the same raw file, against `qemu-nbd-luks`, qemu-nbd serving a LUKS image of the same data
+// (aes-256-xts, plain64: the same cipher and tweak convention); `--shielded` selects these three.
+// The images are made once, before the runs, and sit in the page cache like the raw file.
 //
 //   node_modules/.bin/node bench/nbd.bench.ts [--size-mib M] [--runs N] [--ours ours-raw,ours-raw-inline] [--peer qemu-nbd-raw]
-//       [--only seq-read,rand-read] [--json]
+//       [--shielded] [--only seq-read,rand-read] [--json]
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { randomFillSync } from 'node:crypto';
-import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
+import { randomBytes, randomFillSync } from 'node:crypto';
+import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { RawFileDisk, startNbdServer } from '../core/nbd/mod.ts';
+import { ShieldedDisk, shieldImage } from '../core/shield/mod.ts';
 
 const MiB = 1024 * 1024;
 const argv = process.argv.slice(2);
@@ -42,6 +46,17 @@ if (argv[0] === '--serve-raw') {
   await new Promise(() => undefined);
 }
 
+// ---- child mode: serve a shielded disk (its stand-in transport key in a file) until SIGTERM ------
+if (argv[0] === '--serve-shielded') {
+  const disk = await ShieldedDisk.open(argv[1]!, readFileSync(argv[2]!));
+  const server = await startNbdServer({ disk, log: () => undefined });
+  process.stdout.write(`${server.socketPath}\n`);
+  process.on('SIGTERM', () => {
+    void server.close().then(() => disk.close()).then(() => process.exit(0));
+  });
+  await new Promise(() => undefined);
+}
+
 const json = argv.includes('--json');
 const opt = (name: string, dflt: string) => {
   const i = argv.indexOf(name);
@@ -49,8 +64,9 @@ const opt = (name: string, dflt: string) => {
 };
 const SIZE = Number(opt('--size-mib', '1024')) * MiB;
 const RUNS = Number(opt('--runs', '3'));
-const OURS = opt('--ours', 'ours-raw,ours-raw-inline').split(',').filter(Boolean);
-const PEER = opt('--peer', 'qemu-nbd-raw');
+const SHIELDED = argv.includes('--shielded');
+const OURS = opt('--ours', SHIELDED ? 'ours-shielded,ours-shielded-integrity' : 'ours-raw,ours-raw-inline').split(',').filter(Boolean);
+const PEER = opt('--peer', SHIELDED ? 'qemu-nbd-luks' : 'qemu-nbd-raw');
 const ONLY = opt('--only', '').split(',').filter(Boolean);
 
 /** A running server: where to connect, its pid (for RSS), and how to stop it. */
@@ -95,8 +111,69 @@ async function waitForSocket(path: string): Promise<void> {
 }
 
 async function startOurs(file: string, io: 'pool' | 'inline'): Promise<Served> {
-  const child = spawn(process.execPath, [import.meta.filename, '--serve-raw', file, io], { stdio: ['ignore', 'pipe', 'inherit'] });
+  return startChild(['--serve-raw', file, io]);
+}
+
+async function startChild(args: string[]): Promise<Served> {
+  const child = spawn(process.execPath, [import.meta.filename, ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
   const socket = await waitForLine(child);
+  return { uri: `nbd+unix:///?socket=${socket}`, pid: child.pid!, stop: () => stopChild(child) };
+}
+
+/** Images made from the raw file once, on first use (the same data for every server). */
+const made = new Map<string, Promise<string>>();
+function derived(name: string, make: () => Promise<string>): Promise<string> {
+  let p = made.get(name);
+  if (!p) made.set(name, (p = make()));
+  return p;
+}
+
+/** A shielded VHDX of the raw file, under a random stand-in transport key kept in a 0600 file beside it. */
+function shielded(file: string, dir: string, integrity: boolean): Promise<{ path: string; keyFile: string }> {
+  const path = join(dir, integrity ? 'shielded-integrity.vhdx' : 'shielded.vhdx');
+  const keyFile = join(dir, 'transport.key');
+  return derived(path, async () => {
+    if (!existsSync(keyFile)) writeFileSync(keyFile, randomBytes(32), { mode: 0o600 });
+    await shieldImage(file, 'raw', path, { kp: Buffer.from('stand-in key protector bytes'), transportKey: readFileSync(keyFile), integrity });
+    warm(path);
+    return path;
+  }).then((p) => ({ path: p, keyFile }));
+}
+
+const LUKS_SECRET = 'bench-passphrase';
+/** A LUKS image of the raw file, as a shielded disk's payload is encrypted (the PBKDF kept short). */
+function luks(file: string, dir: string): Promise<string> {
+  const path = join(dir, 'disk.luks');
+  return derived(path, async () => {
+    const opts = 'key-secret=s0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,iter-time=10';
+    for (let attempt = 1; ; attempt++) {
+      const r = spawnSync('qemu-img', ['convert', '-f', 'raw', '-O', 'luks', '--object', `secret,id=s0,data=${LUKS_SECRET}`, '-o', opts, file, path], { encoding: 'utf8' });
+      if (r.status === 0) break;
+      // QEMU's PBKDF calibration gives up now and then on a busy machine ("Unable to get accurate CPU usage"): again.
+      if (!/Unable to get accurate CPU usage/.test(r.stderr) || attempt >= 5) throw new Error(`qemu-img convert -O luks failed: ${r.stderr}`);
+      rmSync(path, { force: true });
+    }
+    warm(path);
+    return path;
+  });
+}
+
+/** Reads a file through a small buffer, so it sits in the page cache. */
+function warm(path: string): void {
+  const fd = openSync(path, 'r');
+  const b = Buffer.alloc(4 * MiB);
+  try {
+    while (readSync(fd, b) > 0);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+async function startQemuNbd(dir: string, args: string[]): Promise<Served> {
+  const socket = join(dir, 'qemu-nbd.sock');
+  rmSync(socket, { force: true });
+  const child = spawn('qemu-nbd', [...args, '--persistent', '-x', '', `--socket=${socket}`], { stdio: ['ignore', 'ignore', 'inherit'] });
+  await waitForSocket(socket);
   return { uri: `nbd+unix:///?socket=${socket}`, pid: child.pid!, stop: () => stopChild(child) };
 }
 
@@ -114,12 +191,30 @@ const BACKENDS: Record<string, Backend> = {
   'qemu-nbd-raw': {
     name: 'qemu-nbd-raw',
     describe: 'qemu-nbd -f raw --persistent (cache=writeback, aio=threads: its defaults)',
+    start: (file, dir) => startQemuNbd(dir, ['-f', 'raw', file]),
+  },
+  'ours-shielded': {
+    name: 'ours-shielded',
+    describe: 'core/nbd over ShieldedDisk: a shielded VHDX of the same data (AES-256-XTS, 4 KiB units)',
     async start(file, dir) {
-      const socket = join(dir, 'qemu-nbd.sock');
-      rmSync(socket, { force: true });
-      const child = spawn('qemu-nbd', ['-f', 'raw', '--persistent', '-x', '', `--socket=${socket}`, file], { stdio: ['ignore', 'ignore', 'inherit'] });
-      await waitForSocket(socket);
-      return { uri: `nbd+unix:///?socket=${socket}`, pid: child.pid!, stop: () => stopChild(child) };
+      const s = await shielded(file, dir, false);
+      return startChild(['--serve-shielded', s.path, s.keyFile]);
+    },
+  },
+  'ours-shielded-integrity': {
+    name: 'ours-shielded-integrity',
+    describe: 'core/nbd over ShieldedDisk in integrity mode (every unit\'s tag checked on read, written on write)',
+    async start(file, dir) {
+      const s = await shielded(file, dir, true);
+      return startChild(['--serve-shielded', s.path, s.keyFile]);
+    },
+  },
+  'qemu-nbd-luks': {
+    name: 'qemu-nbd-luks',
+    describe: 'qemu-nbd --image-opts driver=luks (aes-256-xts plain64) over a LUKS image of the same data (its defaults otherwise)',
+    async start(file, dir) {
+      const path = await luks(file, dir);
+      return startQemuNbd(dir, ['--object', `secret,id=s0,data=${LUKS_SECRET}`, '--image-opts', `driver=luks,key-secret=s0,file.filename=${path}`]);
     },
   },
 };
@@ -137,7 +232,7 @@ const WORKLOADS: Workload[] = ([
 ] as Workload[]).filter((w) => ONLY.length === 0 || ONLY.includes(w.name));
 
 function usage(msg: string): never {
-  process.stderr.write(`nbd bench: ${msg}\nusage: nbd.bench.ts [--size-mib M (power of two >= 64)] [--runs N] [--ours ${Object.keys(BACKENDS).join('|')}] [--peer …] [--only ${WORKLOADS.map((w) => w.name).join(',')}] [--json]\n`);
+  process.stderr.write(`nbd bench: ${msg}\nusage: nbd.bench.ts [--size-mib M (power of two >= 64)] [--runs N] [--ours ${Object.keys(BACKENDS).join('|')}] [--peer …] [--shielded] [--only ${WORKLOADS.map((w) => w.name).join(',')}] [--json]\n`);
   process.exit(2);
 }
 if (!Number.isInteger(RUNS) || RUNS < 1) usage('--runs must be a positive integer');
@@ -184,8 +279,11 @@ try {
   // Every server runs for the whole bench (its RSS is followed); runs rotate so none always goes first.
   const servers = [...ours, peer].map((b) => ({ backend: b, served: null as Served | null, ms: new Map<string, number[]>() }));
   const results: Record<string, Record<string, { ms: number; runs: number[]; ratio?: number; rssMiB?: number; peakRssMiB?: number }>> = {};
+  const startRss: Record<string, number> = {};
   try {
     for (const s of servers) s.served = await s.backend.start(file, root);
+    for (const s of servers) startRss[s.backend.name] = rssOf(s.served!.pid).rssMiB;
+    out(`  RSS after start: ${servers.map((s) => `${s.backend.name} ${startRss[s.backend.name]!.toFixed(0)} MiB`).join(', ')}\n`);
     for (const s of servers) bench(s.served!.uri, WORKLOADS[0]!); // warm-up: each process, and the page cache
     for (const w of WORKLOADS) {
       for (let i = 0; i < RUNS; i++) {
@@ -198,15 +296,16 @@ try {
       }
       const target = w.name.startsWith('seq') ? 1.5 : 1.0;
       const peerRuns = servers.at(-1)!.ms.get(w.name)!;
-      const row: (typeof results)[string] = { [peer.name]: { ms: median(peerRuns), runs: peerRuns } };
-      out(`  ${w.name.padEnd(10)} peer ${median(peerRuns).toFixed(0).padStart(6)} ms [${peerRuns.map((x) => x.toFixed(0)).join(', ')}]\n`);
+      const peerMem = rssOf(servers.at(-1)!.served!.pid);
+      const row: (typeof results)[string] = { [peer.name]: { ms: median(peerRuns), runs: peerRuns, rssMiB: peerMem.rssMiB, peakRssMiB: peerMem.hwmMiB } };
+      out(`  ${w.name.padEnd(10)} peer ${median(peerRuns).toFixed(0).padStart(6)} ms [${peerRuns.map((x) => x.toFixed(0)).join(', ')}]  RSS ${peerMem.rssMiB.toFixed(0)} MiB, peak ${peerMem.hwmMiB.toFixed(0)} MiB\n`);
       for (const s of servers.slice(0, -1)) {
         const runs = s.ms.get(w.name)!;
         const mem = rssOf(s.served!.pid);
         const ratio = median(peerRuns) / median(runs);
         row[s.backend.name] = { ms: median(runs), runs, ratio, rssMiB: mem.rssMiB, peakRssMiB: mem.hwmMiB };
         out(
-          `  ${''.padEnd(10)} ${s.backend.name.padEnd(16)} ${median(runs).toFixed(0).padStart(6)} ms [${runs.map((x) => x.toFixed(0)).join(', ')}]  ` +
+          `  ${''.padEnd(10)} ${s.backend.name.padEnd(24)} ${median(runs).toFixed(0).padStart(6)} ms [${runs.map((x) => x.toFixed(0)).join(', ')}]  ` +
             `ratio ${ratio.toFixed(2)} (target ≥ ${target}: ${ratio >= target ? 'met' : 'NOT met'})  RSS ${mem.rssMiB.toFixed(0)} MiB, peak ${mem.hwmMiB.toFixed(0)} MiB\n`,
         );
       }
@@ -215,7 +314,7 @@ try {
   } finally {
     for (const s of servers) await s.served?.stop();
   }
-  if (json) process.stdout.write(`${JSON.stringify({ sizeMiB: SIZE / MiB, runs: RUNS, ours: OURS, peer: PEER, randStep: RAND_STEP, results }, null, 2)}\n`);
+  if (json) process.stdout.write(`${JSON.stringify({ sizeMiB: SIZE / MiB, runs: RUNS, ours: OURS, peer: PEER, randStep: RAND_STEP, startRssMiB: startRss, results }, null, 2)}\n`);
 } finally {
   rmSync(root, { recursive: true, force: true });
 }

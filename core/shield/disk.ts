@@ -78,9 +78,9 @@ async function openPlain(path: string, format: DiskFormat): Promise<Plain> {
     size,
     logicalSectorSize: 512,
     read: async (offset, into) => {
-      into.fill(0); // a raw size off the sector boundary reads zeros past its end
-      let done = 0;
       const want = Math.max(0, Math.min(into.length, size - offset));
+      into.fill(0, want); // a raw size off the sector boundary reads zeros past its end
+      let done = 0;
       while (done < want) {
         const { bytesRead } = await fh.read(into, done, want - done, offset + done);
         if (bytesRead === 0) throw new ShieldError('io_error', `${path} ended early: it changed while being read.`);
@@ -111,10 +111,42 @@ async function exists(path: string): Promise<boolean> {
   );
 }
 
+/** Blocks read ahead of the one being encrypted (the reads run in libuv's thread pool meanwhile). */
+const READ_AHEAD = 2;
+/** Encrypted blocks being written while the next ones are read and encrypted. */
+const WRITES_IN_FLIGHT = 3;
+/** New blocks reach the BAT (a flush) at least this often, so the writer's pending list stays short. */
+const COMMIT_BYTES = 2048 * MiB;
+/**
+ * Every this many bytes written, writeback of the output is started (fdatasync in libuv's thread
+ * pool, not waited for): the disk works while the pipeline does, instead of all at the end.
+ */
+const WRITEBACK_EVERY = 64 * MiB;
+/**
+ * Blocks are written in pieces of this size (all at once, in libuv's thread pool). One 2 MiB write
+ * leaves the block in the page cache as one large folio, and every later 4 KiB write into it (a
+ * guest's, through `disk serve`) then dirties, accounts and writes back all of it: 58 µs per 4 KiB
+ * pwrite against 11 µs into pages written in 256 KiB pieces (median, ext4, Linux 6.18). Written in
+ * pieces, shielding was also faster (more writes in flight).
+ */
+const WRITE_PIECE = 256 * 1024;
+const noop = () => undefined;
+
+/** A block's worth of buffers: plaintext, encrypted in place, and its tags (integrity mode). */
+interface Slot {
+  data: Buffer;
+  tags: Buffer;
+}
+
 /**
  * Shields a raw or VHDX disk into a new VHDX. Blocks that read as zeros stay unallocated (the BAT
  * already shows which blocks hold data); every other block is encrypted whole. The input is only
  * read; an interrupted run removes its partial output.
+ *
+ * A pipeline, in disk order: while one block is encrypted (on this thread), the next ones are
+ * being read and the previous ones written (both in libuv's thread pool), so the copying and the
+ * cipher overlap; writeback to the disk is started as the output grows, so the final flush has
+ * little left to do. Memory is READ_AHEAD + 1 + WRITES_IN_FLIGHT blocks whatever the disk size.
  */
 export async function shieldImage(input: string, from: DiskFormat, output: string, opts: ShieldCreateOptions): Promise<ShieldCreateResult> {
   if (resolve(input) === resolve(output)) throw new ShieldError('invalid_argument', 'The input and the output are the same file.');
@@ -146,41 +178,89 @@ export async function shieldImage(input: string, from: DiskFormat, output: strin
     }
     const disk = await openVhdx(partial, { readOnly: false, knownUserItems: [SHIELD_ITEM], knownRegions: [TAG_REGION] });
     const key = newDataKey();
-    let dataBlocks = 0;
-    const blocks = Math.ceil(size / blockSize);
+    const slots: Slot[] = [];
+    const reads: Promise<{ slot: Slot | null; n: number }>[] = [];
+    const work: Promise<void>[] = [];
+    let syncer: FileHandle | null = null;
+    let syncing: Promise<void> | null = null;
     try {
       const diskId = disk.info.metadata.virtualDiskId;
       const item = buildShieldItem({ integrity, unitSize, diskId, generation: 1n }, opts.kp, opts.transportKey, key);
       await disk.setUserItem(SHIELD_ITEM, item, { required: true });
-      const buf = Buffer.allocUnsafe(blockSize);
-      const tags = Buffer.alloc((blockSize / unitSize) * TAG_BYTES);
+      // Early writeback through a second handle: fdatasync flushes the file whichever handle wrote it.
+      syncer = await open(partial, 'r');
+      const flusher = syncer;
+      let unsynced = 0;
+      const written = (n: number) => {
+        unsynced += n;
+        if (unsynced < WRITEBACK_EVERY || syncing) return;
+        unsynced = 0;
+        const run = flusher.datasync().finally(() => void (syncing = null));
+        run.catch(noop); // an I/O error is reported by the final flush
+        syncing = run;
+      };
+      const free: Slot[] = [];
+      const tagBytes = (blockSize / unitSize) * TAG_BYTES;
+      const slot = (): Slot => {
+        const s = free.pop();
+        if (s) return s;
+        const made = { data: Buffer.allocUnsafe(blockSize), tags: Buffer.alloc(tagBytes) };
+        slots.push(made);
+        return made;
+      };
+      // Reads in disk order, READ_AHEAD blocks ahead. A block known to read as zeros is not read
+      // (null), except in integrity mode, where it is encrypted and tagged like any other.
+      let nextRead = 0;
+      const blocks = Math.ceil(size / blockSize);
+      const readNext = () => {
+        const offset = nextRead++ * blockSize;
+        const n = Math.min(blockSize, size - offset);
+        const p = (async () => {
+          const zero = await plain.zeroBlock(offset, n);
+          if (zero && !integrity) return { slot: null, n };
+          const s = slot();
+          if (zero) s.data.fill(0, 0, n);
+          else await plain.read(offset, s.data.subarray(0, n));
+          return { slot: s, n };
+        })();
+        p.catch(noop); // handled when taken; never an unhandled rejection meanwhile
+        reads.push(p);
+      };
+      while (nextRead < Math.min(blocks, READ_AHEAD)) readNext();
+      const commitEvery = Math.max(1, Math.floor(COMMIT_BYTES / blockSize));
+      let dataBlocks = 0;
       for (let b = 0; b < blocks; b++) {
         opts.signal?.throwIfAborted();
+        const { slot: s, n } = await reads.shift()!;
+        if (nextRead < blocks) readNext();
         const offset = b * blockSize;
-        const n = Math.min(blockSize, size - offset);
-        if (integrity) {
-          const data = buf.subarray(0, n);
-          if (await plain.zeroBlock(offset, n)) data.fill(0);
-          else await plain.read(offset, data);
-          if (!allZero(data)) dataBlocks++;
-          xtsUnits('encrypt', key.xts, unitSize, offset / unitSize, data, data);
-          const t = tags.subarray(0, Math.ceil(n / unitSize) * TAG_BYTES);
-          tagUnits(key.mac, unitSize, offset / unitSize, data, t);
-          await disk.write(offset, data);
-          await disk.writeRegion(TAG_REGION, (offset / unitSize) * TAG_BYTES, t);
-        } else if (!(await plain.zeroBlock(offset, n))) {
-          const data = buf.subarray(0, n);
-          await plain.read(offset, data);
-          if (!allZero(data)) {
-            xtsUnits('encrypt', key.xts, unitSize, offset / unitSize, data, data);
-            await disk.write(offset, data);
-            dataBlocks++;
-          }
+        const first = offset / unitSize;
+        const data = s?.data.subarray(0, n);
+        const hasData = data !== undefined && !allZero(data);
+        if (hasData) dataBlocks++;
+        if (s && data && (integrity || hasData)) {
+          const t = s.tags.subarray(0, Math.ceil(n / unitSize) * TAG_BYTES);
+          xtsUnits('encrypt', key.xts, unitSize, first, data, data);
+          if (integrity) tagUnits(key.mac, unitSize, first, data, t);
+          const pieces: Promise<void>[] = [];
+          for (let at = 0; at < n; at += WRITE_PIECE) pieces.push(disk.write(offset + at, data.subarray(at, Math.min(n, at + WRITE_PIECE))));
+          if (integrity) pieces.push(disk.writeRegion(TAG_REGION, first * TAG_BYTES, t));
+          const write = Promise.all(pieces);
+          const done = write.then(() => {
+            free.push(s);
+            written(n);
+          });
+          done.catch(noop); // handled when awaited; never an unhandled rejection meanwhile
+          work.push(done);
+        } else if (s) free.push(s);
+        while (work.length >= WRITES_IN_FLIGHT) await work.shift();
+        if (b % commitEvery === commitEvery - 1) {
+          while (work.length > 0) await work.shift();
+          await disk.flush(); // BAT commits in batches: memory stays flat
         }
-        if (b % 256 === 255) await disk.flush(); // BAT commits in batches: memory stays flat
         opts.onProgress?.(Math.min(size, offset + blockSize), size);
       }
-      buf.fill(0);
+      while (work.length > 0) await work.shift();
       await disk.close();
       opts.signal?.throwIfAborted();
       const fileSize = disk.info.fileSize;
@@ -188,6 +268,10 @@ export async function shieldImage(input: string, from: DiskFormat, output: strin
       created = false;
       return { input, output, from, virtualSize: size, blocks, dataBlocks, unitSize, integrity, generation: 1n, diskId, fileSize };
     } finally {
+      // After a failure or a cancel: nothing may still be reading or writing when the files close.
+      await Promise.allSettled([...reads, ...work, ...(syncing ? [syncing] : [])]);
+      await syncer?.close();
+      for (const s of slots) s.data.fill(0);
       key.wipe();
       await disk.close();
     }
@@ -257,6 +341,12 @@ export interface ShieldedOpenOptions {
   /** Integrity mode: the highest generation this host has seen for the disk (from the vault); older is a rollback. */
   lastSeenGeneration?: bigint | null;
   onIntegrityEvent?: (e: IntegrityEvent) => void;
+  /**
+   * Small reads and writes go to the file synchronously while the page cache takes them fast
+   * (core/vhdx inline I/O): an NBD client's random 4 KiB requests skip two thread hand-offs each.
+   * Default true.
+   */
+  inlineIo?: boolean;
 }
 
 /**
@@ -301,7 +391,7 @@ export class ShieldedDisk {
 
   static async open(path: string, transportKey: Buffer, opts: ShieldedOpenOptions = {}): Promise<ShieldedDisk> {
     const readOnly = opts.readOnly ?? false;
-    const known = { knownUserItems: [SHIELD_ITEM], knownRegions: [TAG_REGION] };
+    const known = { knownUserItems: [SHIELD_ITEM], knownRegions: [TAG_REGION], inlineIo: opts.inlineIo ?? true };
     const img = readOnly ? await openVhdx(path, known) : await openVhdx(path, { readOnly: false, ...known });
     let disk: ShieldedDisk | null = null;
     try {

@@ -15,7 +15,9 @@ export function tagUnits(macKey: Buffer, unitSize: number, firstUnit: number, ct
   const n = Math.ceil(ct.length / unitSize);
   const prefix = Buffer.alloc(8);
   for (let i = 0; i < n; i++) {
-    prefix.writeBigUInt64LE(BigInt(firstUnit + i));
+    const unit = firstUnit + i;
+    prefix.writeUInt32LE(unit % 0x100000000, 0);
+    prefix.writeUInt32LE(Math.floor(unit / 0x100000000), 4);
     const h = createHmac('sha256', macKey).update(prefix).update(ct.subarray(i * unitSize, Math.min(ct.length, (i + 1) * unitSize))).digest();
     h.copy(tags, i * TAG_BYTES, 0, TAG_BYTES);
   }
