@@ -276,8 +276,16 @@ export class VhdxWritable extends VhdxImage {
   private async beginSession(): Promise<LogSession> {
     if (this.session) return this.session;
     if (this.info.header.logLength === 0) throw unsupported('the file has no log, so its metadata cannot be updated safely');
-    this.header = await updateHeaders(this.fh, this.section, this.header, { fileWriteGuid: randomUUID(), dataWriteGuid: randomUUID(), logGuid: randomUUID() });
-    this.session = { logGuid: this.header.logGuid, position: 0, sequence: 1n };
+    // The headers may name a LogGuid only once a valid entry carries it: a crash before our first
+    // commit (writes into allocated blocks need none) would otherwise leave a dirty header over a
+    // log with no entry, which readers refuse. So an empty entry goes first, flushed.
+    const logGuid = randomUUID();
+    const size = (await this.fh.stat()).size;
+    const opening = buildLogEntry({ sequence: 1n, tail: 0, logGuid, flushedFileOffset: Math.floor(size / MiB) * MiB, lastFileOffset: roundUp(size, MiB), sectors: [] });
+    await writeAll(this.fh, opening, this.info.header.logOffset);
+    await this.fh.datasync();
+    this.header = await updateHeaders(this.fh, this.section, this.header, { fileWriteGuid: randomUUID(), dataWriteGuid: randomUUID(), logGuid });
+    this.session = { logGuid, position: opening.length, sequence: 2n };
     await this.syncRegionTables();
     return this.session;
   }

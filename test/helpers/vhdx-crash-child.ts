@@ -5,11 +5,11 @@
 import { openVhdx } from '../../core/vhdx/mod.ts';
 import { CRASH_BLOCK, SLOT, crashOps, slotContent } from './vhdx-crash-ops.ts';
 
-const [path, seed, idBase] = process.argv.slice(2) as [string, string, string];
+const [path, seed, idBase, writesOnly] = process.argv.slice(2) as [string, string, string, string | undefined];
 const img = await openVhdx(path, { readOnly: false });
 process.stdout.write('ready\n');
 let k = 0;
-for (const op of crashOps(Number(seed), Number(idBase))) {
+for (const op of crashOps(Number(seed), Number(idBase), writesOnly === 'writes-only')) {
   process.stdout.write(`w ${k}\n`);
   if (op.kind === 'write') await img.write(op.slot * SLOT, slotContent(op.id, op.slot));
   else if (op.kind === 'zero-block') await img.writeZeroes(op.block * CRASH_BLOCK, CRASH_BLOCK);

@@ -10,13 +10,19 @@ const SLOTS_PER_BLOCK = CRASH_BLOCK / SLOT;
 
 export type CrashOp = { kind: 'write'; slot: number; id: number } | { kind: 'zero-block'; block: number } | { kind: 'flush' };
 
-/** An endless seeded list of operations; write ids start above `idBase`. */
-export function* crashOps(seed: number, idBase: number): Generator<CrashOp> {
+/**
+ * An endless seeded list of operations; write ids start above `idBase`. `writesOnly` leaves out
+ * block zeroing, so on a fixed disk no operation needs the log at all.
+ */
+export function* crashOps(seed: number, idBase: number, writesOnly = false): Generator<CrashOp> {
   const r = rng(seed);
   for (let n = 1; ; n++) {
     const p = r();
     if (p < 0.8) yield { kind: 'write', slot: Math.floor(r() * SLOTS), id: idBase + n };
-    else if (p < 0.86) yield { kind: 'zero-block', block: Math.floor(r() * (CRASH_DISK / CRASH_BLOCK)) };
+    else if (p < 0.86) {
+      const block = Math.floor(r() * (CRASH_DISK / CRASH_BLOCK));
+      if (!writesOnly) yield { kind: 'zero-block', block };
+    }
     else yield { kind: 'flush' };
   }
 }
