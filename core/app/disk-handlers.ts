@@ -80,7 +80,7 @@ export function diskHandlers(vault: () => Vault, progress: Progress): { [M in Di
     try {
       const disk = await ShieldedDisk.open(file, tk);
       try {
-        await disk.reseal({ kp: next, currentTransportKey: tk });
+        await disk.reseal({ kp: next });
       } finally {
         await disk.close();
       }

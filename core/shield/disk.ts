@@ -445,7 +445,7 @@ export class ShieldedDisk {
   }
 
   private async saveItem(change: { generation?: bigint } = {}): Promise<void> {
-    const bytes = reseal(this.item, this.key, { currentTransportKey: Buffer.alloc(0), dirty: Buffer.from(this.dirty), ...change });
+    const bytes = reseal(this.item, this.key, { dirty: Buffer.from(this.dirty), ...change });
     await (this.img as VhdxWritable).setUserItem(SHIELD_ITEM, bytes, { required: true });
     this.item = parseShieldItem(bytes);
   }
@@ -623,7 +623,7 @@ export class ShieldedDisk {
   }
 
   /** Rewrites the shield item (grant/revoke: another KP; roll: another transport key); the payload is untouched. */
-  async reseal(change: { kp?: Buffer; transportKey?: Buffer; currentTransportKey: Buffer }): Promise<void> {
+  async reseal(change: { kp?: Buffer; transportKey?: Buffer }): Promise<void> {
     const w = this.writable();
     const bytes = reseal(this.item, this.key, { ...change, dirty: Buffer.from(this.dirty) });
     await w.setUserItem(SHIELD_ITEM, bytes, { required: true });

@@ -192,7 +192,7 @@ export function openShieldItem(item: ShieldItem, transportKey: Buffer): DataKey 
 }
 
 /** A new item with another KP and/or transport key and/or generation; the data key stays. */
-export function reseal(item: ShieldItem, key: DataKey, change: { kp?: Buffer; transportKey?: Buffer; currentTransportKey: Buffer; generation?: bigint; dirty?: Buffer }): Buffer {
+export function reseal(item: ShieldItem, key: DataKey, change: { kp?: Buffer; transportKey?: Buffer; generation?: bigint; dirty?: Buffer }): Buffer {
   const p: ShieldParams = { integrity: item.integrity, unitSize: item.unitSize, diskId: item.diskId, generation: change.generation ?? item.generation, dirty: change.dirty ?? item.dirty };
   const kp = change.kp ?? item.kp;
   if (change.transportKey) return buildShieldItem(p, kp, change.transportKey, key);

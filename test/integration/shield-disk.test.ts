@@ -117,7 +117,7 @@ test('writes through a shielded disk survive a reopen; reseal changes only the i
     assert.ok((await disk.read(0, mirror.length)).equals(mirror), 'after reopening');
     const before = payloadHash(out);
     const tk2 = randomBytes(32);
-    await disk.reseal({ kp: Buffer.from('another KP'), transportKey: tk2, currentTransportKey: tk });
+    await disk.reseal({ kp: Buffer.from('another KP'), transportKey: tk2 });
     await disk.close();
     assert.equal(payloadHash(out), before, 'resealing never touches the payload');
     const { item } = await readShieldItem(out);
