@@ -2,7 +2,9 @@
 // its ciphertext under the disk's MAC key, kept in a required region of the VHDX. A changed byte,
 // a changed tag or a unit moved to another place fails its check; a whole-disk rollback is caught
 // by the generation counter (item + vault). Every unit of an integrity disk is written at shield
-// time, so "never written" cannot be forged by zeroing a unit and its tag.
+// time, so "never written" cannot be forged by zeroing a unit and its tag. Not caught: single units
+// put back together with their own older tags from an earlier state of the same disk (the tags do
+// not bind the generation; that would need a tree over the tags) — said so in the README.
 import { createHmac, timingSafeEqual } from 'node:crypto';
 
 /** The tag region's GUID (Required = 1: a reader that does not know it must not open the file). */
