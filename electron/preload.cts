@@ -2,8 +2,8 @@
 // modules, so this file (.cts → dist/electron/preload.cjs) imports nothing of ours: the method list
 // and channel names come from the main process over one synchronous channel, asked once.
 //
-// The page gets exactly two functions on `window.shieldlab`; ipcRenderer is never exposed, and the
-// IPC event object never reaches page code.
+// The page gets exactly three functions on `window.shieldlab` (invoke, cancel, onEvent);
+// ipcRenderer is never exposed, and the IPC event object never reaches page code.
 const { contextBridge, ipcRenderer } = require('electron') as typeof import('electron');
 
 /** Must equal IPC_MANIFEST_CHANNEL in electron/ipc.ts (a unit test checks). */
@@ -12,6 +12,7 @@ const MANIFEST_CHANNEL = 'shieldlab:channels';
 interface Manifest {
   prefix: string;
   eventChannel: string;
+  cancelChannel: string;
   methods: ReadonlySet<string>;
 }
 
@@ -27,18 +28,19 @@ function readManifest(): Manifest {
   } catch {
     raw = null;
   }
-  const m = raw as { prefix?: unknown; eventChannel?: unknown; methods?: unknown } | null;
+  const m = raw as { prefix?: unknown; eventChannel?: unknown; cancelChannel?: unknown; methods?: unknown } | null;
   const valid =
     m !== null &&
     typeof m === 'object' &&
     typeof m.prefix === 'string' &&
     typeof m.eventChannel === 'string' &&
+    typeof m.cancelChannel === 'string' &&
     Array.isArray(m.methods) &&
     m.methods.every((x) => typeof x === 'string');
   // Refused (this page is not ours) or malformed: no methods, no events. Fail closed, and stay so.
   manifest = valid
-    ? { prefix: m.prefix as string, eventChannel: m.eventChannel as string, methods: new Set(m.methods as string[]) }
-    : { prefix: '', eventChannel: '', methods: new Set() };
+    ? { prefix: m.prefix as string, eventChannel: m.eventChannel as string, cancelChannel: m.cancelChannel as string, methods: new Set(m.methods as string[]) }
+    : { prefix: '', eventChannel: '', cancelChannel: '', methods: new Set() };
   return manifest;
 }
 
@@ -54,6 +56,16 @@ const shieldlab = Object.freeze({
     const extra = typeof callId === 'string' ? [{ callId }] : [];
     return (ipcRenderer.invoke(prefix + method, args, ...extra) as Promise<Outcome>).catch(() =>
       refusal('invalid_argument', 'The arguments could not be sent to the main process (only plain data can be).'),
+    );
+  },
+
+  /** Asks the call made under `callId` to stop; true when one was running. Its invoke then answers `cancelled`. */
+  cancel(callId: unknown): Promise<boolean> {
+    const { cancelChannel } = readManifest();
+    if (cancelChannel === '' || typeof callId !== 'string') return Promise.resolve(false);
+    return (ipcRenderer.invoke(cancelChannel, callId) as Promise<unknown>).then(
+      (answer) => answer === true,
+      () => false,
     );
   },
 

@@ -1,6 +1,8 @@
 // Web mode: the contract over HTTP (POST /api/call/<method>) and a WebSocket event stream
 // (/api/events), plus the built renderer. Loopback only; a per-launch token on every request;
 // Host and Origin checked against DNS rebinding and cross-site requests; a strict CSP.
+// A call made under an X-Call-Id can be cancelled (POST /api/cancel/<callId>), and is cancelled
+// when its client goes away before the answer: for every method alike, through CallContext.signal.
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { readFile, stat } from 'node:fs/promises';
@@ -28,6 +30,8 @@ export interface RunningServer {
 
 const COOKIE = 'shieldlab_token';
 const MAX_BODY = 1024 * 1024;
+/** A call id as the bridge makes them (a UUID) and Electron IPC accepts them: short and printable. */
+const CALL_ID = /^[\w.:-]{1,64}$/;
 
 export function httpStatusFor(code: ErrorCode): number {
   switch (code) {
@@ -148,18 +152,48 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
       req.on('error', reject);
     });
 
-  const handleCall = async (req: IncomingMessage, res: ServerResponse, method: string) => {
-    // Browsers always send Origin on POST; a bare POST without it must carry the bearer header.
-    if (req.headers.origin === undefined && !req.headers.authorization) {
-      return refuse(res, 'forbidden', 'API calls need an Origin header or a bearer token.');
-    }
+  /**
+   * What /api/call and /api/cancel both ask of a POST, against cross-site requests: browsers always
+   * send Origin on POST, so a bare POST without it must carry the bearer header; and a JSON body,
+   * which no cross-site form can send without a preflight.
+   */
+  const postRefusal = (req: IncomingMessage): { code: 'forbidden' | 'usage'; message: string } | null => {
+    if (req.headers.origin === undefined && !req.headers.authorization) return { code: 'forbidden', message: 'API calls need an Origin header or a bearer token.' };
     if (!(req.headers['content-type'] ?? '').startsWith('application/json')) {
-      return refuse(res, 'usage', 'API calls take a JSON body (Content-Type: application/json).');
+      return { code: 'usage', message: 'API calls take a JSON body (Content-Type: application/json).' };
     }
+    return null;
+  };
+
+  /** The calls running under an X-Call-Id, to cancel them by it; each removes itself when it ends. */
+  const running = new Map<string, AbortController>();
+  /** Every call running, with or without an id: closing the server stops them all. */
+  const inFlight = new Set<AbortController>();
+
+  const handleCall = async (req: IncomingMessage, res: ServerResponse, method: string) => {
+    const refused = postRefusal(req);
+    if (refused) return refuse(res, refused.code, refused.message);
     if (Number(req.headers['content-length'] ?? 0) > MAX_BODY) {
       res.setHeader('Connection', 'close');
       return sendJson(res, 413, { ok: false, error: { code: 'invalid_argument', message: 'Request body too large.' } } satisfies CallOutcome);
     }
+    const header = req.headers['x-call-id'];
+    const callId = typeof header === 'string' ? header : undefined;
+    if (callId !== undefined && !CALL_ID.test(callId)) return refuse(res, 'usage', 'X-Call-Id takes 1 to 64 letters, digits and . : - _ only.');
+    if (callId !== undefined && running.has(callId)) return refuse(res, 'usage', 'A call with this X-Call-Id is already running.');
+    // Registered before the body is read: a cancel that overtakes a slow upload still finds the call.
+    const controller = new AbortController();
+    inFlight.add(controller);
+    if (callId !== undefined) running.set(callId, controller);
+    // The page was closed (or the client gave up) before the answer: nobody will read it, stop the work.
+    // The socket's own 'close', not the request's: that one also fires once the body has been read.
+    const socket = req.socket;
+    const gone = () => {
+      if (res.writableEnded) return;
+      log(`client went away: cancelling ${method.slice(0, 100)}`);
+      controller.abort();
+    };
+    socket.once('close', gone);
     try {
       const text = await readBody(req);
       let args: unknown;
@@ -168,13 +202,38 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
       } catch {
         throw new ShieldError('invalid_argument', 'The request body is not valid JSON.');
       }
-      const callId = typeof req.headers['x-call-id'] === 'string' ? req.headers['x-call-id'].slice(0, 64) : undefined;
-      const result = await opts.app.invoke(decodeURIComponent(method), args, callId ? { callId } : {});
-      sendJson(res, 200, { ok: true, result } as CallOutcome);
+      if (controller.signal.aborted) throw new ShieldError('cancelled', 'Cancelled before it started: nothing was written.');
+      const ctx = callId !== undefined ? { callId, signal: controller.signal } : { signal: controller.signal };
+      const result = await opts.app.invoke(decodeURIComponent(method), args, ctx);
+      if (!res.destroyed) sendJson(res, 200, { ok: true, result } as CallOutcome);
     } catch (err) {
       const e = toShieldError(err);
-      sendJson(res, httpStatusFor(e.code), { ok: false, error: e.toJSON() } as CallOutcome);
+      if (!res.destroyed) sendJson(res, httpStatusFor(e.code), { ok: false, error: e.toJSON() } as CallOutcome);
+    } finally {
+      socket.removeListener('close', gone);
+      inFlight.delete(controller);
+      if (callId !== undefined && running.get(callId) === controller) running.delete(callId);
     }
+  };
+
+  /** POST /api/cancel/<callId>: 204 when a running call was told to stop, 404 when none runs under that id. */
+  const handleCancel = (req: IncomingMessage, res: ServerResponse, encodedId: string) => {
+    req.resume(); // the body says nothing; drained so the connection can be reused
+    const refused = postRefusal(req);
+    if (refused) return refuse(res, refused.code, refused.message);
+    let callId: string;
+    try {
+      callId = decodeURIComponent(encodedId);
+    } catch {
+      return refuse(res, 'usage', 'Malformed call id.');
+    }
+    const controller = running.get(callId);
+    if (!controller) return refuse(res, 'not_found', 'No call is running under this id (it may have just ended).');
+    if (!controller.signal.aborted) log('cancel requested');
+    controller.abort();
+    headers(res);
+    res.writeHead(204);
+    res.end();
   };
 
   const serveStatic = async (res: ServerResponse, urlPath: string) => {
@@ -214,6 +273,8 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     }
     const call = /^\/api\/call\/([\w.%-]+)$/.exec(url.pathname);
     if (call && req.method === 'POST') return void handleCall(req, res, call[1]!);
+    const cancel = /^\/api\/cancel\/([\w.:%-]+)$/.exec(url.pathname);
+    if (cancel && req.method === 'POST') return handleCancel(req, res, cancel[1]!);
     if (url.pathname.startsWith('/api/')) return refuse(res, 'not_found', 'No such API route.');
     if (req.method !== 'GET' && req.method !== 'HEAD') return refuse(res, 'usage', 'Method not allowed.');
     return void serveStatic(res, url.pathname);
@@ -253,6 +314,8 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     port,
     token,
     async close() {
+      // Calls still running are stopped first: what they had half-made is removed before we exit.
+      for (const controller of inFlight) controller.abort();
       unsubscribe();
       for (const s of sockets) s.terminate();
       wss.close();

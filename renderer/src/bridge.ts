@@ -1,6 +1,6 @@
 // The renderer's one door to ShieldLab. Two transports behind one narrow interface: Electron IPC
 // (the preload's `window.shieldlab`) or web mode (fetch + WebSocket to the same origin). Views see
-// only `api.call(method, args)`, typed from the contract, and `api.onEvent`.
+// only `api.call(method, args, { onProgress, signal })`, typed from the contract, and `api.onEvent`.
 // Type-only imports from core: nothing of core (nor zod) is bundled into the renderer.
 import type { AppEvent, Args, CallOutcome, MethodName, ProgressEvent, Result } from '../../core/app/contract.ts';
 import type { ErrorCode } from '../../core/errors.ts';
@@ -23,6 +23,8 @@ export class BridgeError extends Error {
 
 interface Transport {
   invoke(method: MethodName, args: unknown, callId: string): Promise<CallOutcome>;
+  /** Asks the call running under `callId` to stop; false when none runs under it (yet, or any more). */
+  cancel(callId: string): Promise<boolean>;
   onEvent(listener: (event: AppEvent) => void): () => void;
 }
 
@@ -32,6 +34,7 @@ function ipcTransport(preload: ShieldLabPreload): Transport {
       preload.invoke(method, args, { callId }).catch(() => {
         throw new BridgeError('unreachable', 'The ShieldLab main process did not answer.');
       }),
+    cancel: (callId) => preload.cancel(callId).catch(() => false),
     onEvent: (listener) => preload.onEvent(listener),
   };
 }
@@ -83,6 +86,19 @@ function webTransport(): Transport {
       }
       return (await res.json()) as CallOutcome;
     },
+    async cancel(callId) {
+      try {
+        const res = await fetch(`/api/cancel/${encodeURIComponent(callId)}`, {
+          method: 'POST',
+          credentials: 'same-origin',
+          headers: { 'Content-Type': 'application/json' },
+          body: '{}',
+        });
+        return res.status === 204;
+      } catch {
+        return false; // the call itself will say the server is gone
+      }
+    },
     onEvent(listener) {
       listeners.add(listener);
       if (!socket && !retry) connect();
@@ -104,7 +120,15 @@ function newCallId(): string {
 
 export interface CallOptions {
   onProgress?: (event: ProgressEvent) => void;
+  /**
+   * Cancels the call: the work stops, what it had half-made is removed, and the call rejects with
+   * the server's `cancelled` error (a call that finishes first keeps its result).
+   */
+  signal?: AbortSignal;
 }
+
+/** How often a cancel is asked again while the call is not yet (or no longer) known to the other side. */
+const CANCEL_RETRY_MS = 250;
 
 export interface Client {
   call<M extends MethodName>(method: M, args: Args<M>, opts?: CallOptions): Promise<Result<M>>;
@@ -118,17 +142,29 @@ export function createClient(transport: Transport, mode: Client['mode']): Client
     onEvent: (listener) => transport.onEvent(listener),
     async call(method, args, opts = {}) {
       const callId = newCallId();
-      const { onProgress } = opts;
+      const { onProgress, signal } = opts;
+      if (signal?.aborted) throw new BridgeError('cancelled', 'Cancelled before it started: nothing was written.');
       const stop = onProgress
         ? transport.onEvent((e) => {
             if (e.type === 'progress' && e.callId === callId) onProgress(e);
           })
         : undefined;
+      let settled = false;
+      // A cancel can overtake its call on the way (web mode: two requests); asked again until one lands or the call ends.
+      const cancel = async () => {
+        while (!settled && !(await transport.cancel(callId))) {
+          await new Promise((resolve) => setTimeout(resolve, CANCEL_RETRY_MS));
+        }
+      };
+      const onAbort = () => void cancel();
+      signal?.addEventListener('abort', onAbort, { once: true });
       try {
         const outcome = await transport.invoke(method, args, callId);
         if (outcome.ok) return outcome.result as Result<typeof method>;
         throw new BridgeError(outcome.error.code, outcome.error.message, outcome.error.details);
       } finally {
+        settled = true;
+        signal?.removeEventListener('abort', onAbort);
         stop?.();
       }
     },
@@ -139,6 +175,11 @@ export const api: Client =
   typeof window !== 'undefined' && window.shieldlab
     ? createClient(ipcTransport(window.shieldlab), 'electron')
     : createClient(webTransport(), 'web');
+
+/** The call ended because it was cancelled (its `signal`, or another front door): nothing was written. */
+export function isCancelled(err: unknown): boolean {
+  return err instanceof BridgeError && err.code === 'cancelled';
+}
 
 /** A failure as words for the page: the server's own message, never a bare code. */
 export function describeError(err: unknown): string {

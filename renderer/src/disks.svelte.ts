@@ -1,8 +1,9 @@
 // The renderer's view of shielded disks: the disk open in the Disks view and the two long calls,
 // shield and unshield. They live here, not in the page, so that leaving the page and coming back
-// shows the same disk and a call still running with its progress. Plus the words the page uses.
+// shows the same disk and a call still running with its progress (and its Cancel). Plus the words
+// the page uses.
 import type { Args, Result } from '../../core/app/contract.ts';
-import { BridgeError, describeError } from './bridge.ts';
+import { BridgeError, describeError, isCancelled } from './bridge.ts';
 import { session } from './session.svelte.ts';
 import { Transfer } from './transfer.svelte.ts';
 
@@ -45,13 +46,17 @@ export const unshielding = new Transfer();
 
 /** Shields a disk, following its progress; the new disk is opened when it is done. */
 export async function shield(args: Args<'disk.shield'>): Promise<boolean> {
-  shielding.start(`Shielding ${baseName(args.input)} into ${baseName(args.out)}`, args.out);
+  const signal = shielding.start(`Shielding ${baseName(args.input)} into ${baseName(args.out)}`, args.out);
   try {
-    const r = await session.call('disk.shield', args, { onProgress: shielding.progress });
+    const r = await session.call('disk.shield', args, { onProgress: shielding.progress, signal });
     shielding.finish(`Shielded ${r.input} into ${r.output}: ${blocksHoldingData(r.dataBlocks, r.blocks)}.`, r.virtualSize);
     void disk.open(r.output);
     return true;
   } catch (err) {
+    if (isCancelled(err)) {
+      shielding.stopped();
+      return false;
+    }
     // The server's words for this one name CLI commands.
     const notBackedUp = err instanceof BridgeError && err.code === 'guardian_not_backed_up';
     shielding.fail(
@@ -65,12 +70,16 @@ export async function shield(args: Args<'disk.shield'>): Promise<boolean> {
 
 /** Decrypts the disk to a plain one (owner only, audited), following its progress. */
 export async function unshield(args: Args<'disk.unshield'>): Promise<boolean> {
-  unshielding.start(`Unshielding ${baseName(args.file)} to ${baseName(args.out)}`, args.file);
+  const signal = unshielding.start(`Unshielding ${baseName(args.file)} to ${baseName(args.out)}`, args.file);
   try {
-    const r = await session.call('disk.unshield', args, { onProgress: unshielding.progress });
+    const r = await session.call('disk.unshield', args, { onProgress: unshielding.progress, signal });
     unshielding.finish(`Unshielded to ${r.output} (${FORMATS[r.to]}): ${r.dataBlocks} block${r.dataBlocks === 1 ? '' : 's'} with data written.`, r.virtualSize);
     return true;
   } catch (err) {
+    if (isCancelled(err)) {
+      unshielding.stopped();
+      return false;
+    }
     unshielding.fail(`Not unshielded: ${describeError(err)}`);
     return false;
   }

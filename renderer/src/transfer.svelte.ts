@@ -1,12 +1,16 @@
 // A long call that reports progress (`progress: true` in the contract): how far it is, how fast it
-// goes and how long it has left, computed here from its successive progress events. Kept in module
-// state by its owner, so a page left and come back to still shows the call that is running.
+// goes and how long it has left, computed here from its successive progress events, and its cancel
+// (pass `signal` with the call). Kept in module state by its owner, so a page left and come back to
+// still shows the call that is running.
 import type { ProgressEvent } from '../../core/app/contract.ts';
 
 /** Rate over the events of the last few seconds: steady, yet quick to follow a change of pace. */
 const WINDOW_MS = 5000;
 /** Events closer together than this say nothing reliable about the rate. */
 const MIN_SPAN_MS = 200;
+
+/** What a cancelled call leaves: the core removes any partial output before it answers `cancelled`. */
+export const CANCELLED = 'Cancelled — nothing was written.';
 
 export class Transfer {
   /** What runs or ran, in words: "Shielding /data/vm.img". The progress bar's accessible name. */
@@ -24,6 +28,10 @@ export class Transfer {
   /** The outcome in words, once finished: a success or a refusal. */
   outcome = $state<string | null>(null);
   refusal = $state<string | null>(null);
+  /** Cancel was asked for and the call has not answered yet. */
+  cancelling = $state(false);
+  /** Set once the call ended cancelled. */
+  cancelled = $state<string | null>(null);
 
   percent: number = $derived(this.total > 0 ? Math.min(100, Math.floor((this.done * 100) / this.total)) : 0);
   /** Seconds left at the recent rate; null when unknown. */
@@ -31,16 +39,28 @@ export class Transfer {
 
   private started = 0;
   private samples: { t: number; done: number }[] = [];
+  private controller = new AbortController();
 
-  start(label: string, subject = ''): void {
+  /** Returns the signal to pass as the call's `signal`: `cancel()` fires it. */
+  start(label: string, subject = ''): AbortSignal {
     this.label = label;
     this.subject = subject;
     this.running = true;
+    this.cancelling = false;
     this.done = this.total = 0;
     this.rate = this.elapsed = null;
-    this.outcome = this.refusal = null;
+    this.outcome = this.refusal = this.cancelled = null;
     this.samples = [];
     this.started = performance.now();
+    this.controller = new AbortController();
+    return this.controller.signal;
+  }
+
+  /** Asks the running call to stop; it ends through `stopped()` once the other side has cleaned up. */
+  cancel(): void {
+    if (!this.running || this.cancelling) return;
+    this.cancelling = true;
+    this.controller.abort();
   }
 
   /** Takes one progress event of the call; pass it as the call's `onProgress`. */
@@ -60,13 +80,19 @@ export class Transfer {
   finish(outcome: string, total = this.total): void {
     this.total = this.done = total;
     this.elapsed = (performance.now() - this.started) / 1000;
-    this.running = false;
+    this.running = this.cancelling = false; // a cancel that came too late leaves the result standing
     this.outcome = outcome;
   }
 
   fail(refusal: string): void {
-    this.running = false;
+    this.running = this.cancelling = false;
     this.refusal = refusal;
+  }
+
+  /** The call answered `cancelled`. */
+  stopped(): void {
+    this.running = this.cancelling = false;
+    this.cancelled = CANCELLED;
   }
 }
 
@@ -103,6 +129,7 @@ export function formatDuration(seconds: number): string {
 
 /** The line under a progress bar: where it is, how fast, how long to go — or how it went. */
 export function transferDetail(t: Transfer): string {
+  if (t.cancelling) return 'Cancelling…';
   if (!t.running) {
     if (t.elapsed === null || t.outcome === null) return '';
     const average = t.elapsed > 0 ? ` (${formatRate(t.total / t.elapsed)})` : '';

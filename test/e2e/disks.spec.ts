@@ -1,8 +1,9 @@
 // Shielded disks end to end, in web mode: shield a raw disk with a progress bar, open it, grant and
-// revoke a guardian, unshield it and compare byte for byte; refusals in words. The vault and the
-// guardians are set up through the API (the Guardians spec covers doing that in the page).
+// revoke a guardian, unshield it and compare byte for byte; refusals in words; cancel a shield from
+// its progress bar. The vault and the guardians are set up through the API (the Guardians spec
+// covers doing that in the page).
 import { randomBytes } from 'node:crypto';
-import { existsSync } from 'node:fs';
+import { closeSync, existsSync, openSync, writeSync } from 'node:fs';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -246,5 +247,70 @@ test('disks: shield with progress, open, grant and revoke, unshield byte for byt
     }
   });
 
+  expect(errors).toEqual([]);
+});
+
+test('disks: a long shield is cancelled from its progress bar, and leaves no file behind', async ({ page }) => {
+  const errors = watchForErrors(page);
+  // 512 MiB that is nowhere zero: every block is encrypted, which takes seconds.
+  const input = join(files, 'big-disk.img');
+  const output = join(files, 'big-disk.vhdx');
+  const piece = randomBytes(8 * MiB);
+  const fd = openSync(input, 'w');
+  for (let i = 0; i < 64; i++) writeSync(fd, piece);
+  closeSync(fd);
+
+  const answers: { path: string; status: number; body: string }[] = [];
+  page.on('response', async (r) => {
+    const path = new URL(r.url()).pathname;
+    if (/^\/api\/(call\/disk\.shield|cancel\/)/.test(path)) answers.push({ path, status: r.status(), body: await r.text().catch(() => '') });
+  });
+
+  await page.goto(server.url);
+  await expect(page.getByTestId('status-vault')).toHaveText('Unlocked');
+  await page.getByRole('navigation', { name: 'Main' }).getByRole('link', { name: 'Disks' }).click();
+  const shieldForm = page.getByRole('region', { name: 'Shield a disk' });
+  await expect(shieldForm.getByLabel('Owner')).toHaveValue(OWNER);
+
+  await shieldForm.getByLabel('Disk to shield').fill(input);
+  await shieldForm.getByLabel('Shielded VHDX to write').fill(output);
+  await shieldForm.getByRole('button', { name: 'Shield disk' }).click();
+  const bar = shieldForm.getByRole('progressbar', { name: 'Shielding big-disk.img into big-disk.vhdx' });
+  await expect(bar).toHaveAttribute('value', /^[1-9]\d*$/); // the first progress events arrived
+  expect(Number(await bar.getAttribute('value'))).toBeLessThan(512 * MiB);
+  expect(existsSync(`${output}.partial`)).toBe(true);
+
+  // What the button and the line beneath the bar show between the click and the answer, however short.
+  await page.evaluate(() => {
+    const seen: string[] = [];
+    (window as unknown as { cancelSeen: string[] }).cancelSeen = seen;
+    const look = () => {
+      const button = document.querySelector<HTMLButtonElement>('[data-testid="transfer"] button');
+      const detail = document.querySelector('[data-testid="transfer-detail"]')?.textContent ?? '';
+      seen.push(`${button ? `${button.textContent}${button.disabled ? ' (disabled)' : ''}` : 'no button'} | ${detail}`);
+    };
+    new MutationObserver(look).observe(document.body, { subtree: true, childList: true, attributes: true, characterData: true });
+  });
+  const cancel = shieldForm.getByRole('button', { name: 'Cancel', exact: true });
+  await expect(cancel).toBeEnabled();
+  await cancel.click();
+
+  await expect(shieldForm.getByRole('status').filter({ hasText: 'Cancelled' })).toHaveText('Cancelled — nothing was written.');
+  const seen = await page.evaluate(() => (window as unknown as { cancelSeen: string[] }).cancelSeen);
+  expect(seen).toContain('Cancel (disabled) | Cancelling…');
+  await expect(shieldForm.getByRole('progressbar')).toHaveCount(0);
+  await expect(shieldForm.getByRole('button', { name: 'Cancel', exact: true })).toHaveCount(0);
+  await expect(shieldForm.getByRole('alert')).toHaveCount(0);
+  await expect(shieldForm.getByRole('button', { name: 'Shield disk' })).toBeEnabled();
+  await expect(shieldForm.getByLabel('Disk to shield')).toHaveValue(input); // kept, to try again
+
+  // The server stopped it: the cancel landed (204), the call answered `cancelled`, and the core removed its output.
+  await expect.poll(() => answers.length).toBeGreaterThanOrEqual(2);
+  expect(answers.filter((a) => a.path.startsWith('/api/cancel/')).map((a) => a.status)).toContain(204);
+  const call = answers.find((a) => a.path === '/api/call/disk.shield')!;
+  expect(call.status).toBe(409);
+  expect(JSON.parse(call.body)).toMatchObject({ ok: false, error: { code: 'cancelled' } });
+  expect(existsSync(output)).toBe(false);
+  expect(existsSync(`${output}.partial`)).toBe(false);
   expect(errors).toEqual([]);
 });

@@ -1,12 +1,15 @@
-// Web mode against real HTTP and WebSocket clients: token, Host and Origin checks, CSP, events.
+// Web mode against real HTTP and WebSocket clients: token, Host and Origin checks, CSP, events,
+// and cancelling a long call by its X-Call-Id or by going away.
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { request } from 'node:http';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { closeSync, existsSync, mkdirSync, openSync, writeFileSync, writeSync } from 'node:fs';
 import { networkInterfaces } from 'node:os';
 import { join } from 'node:path';
 import { connect } from 'node:net';
 import WebSocket from 'ws';
+import type { AppEvent, ProgressEvent } from '../../core/app/contract.ts';
 import { ShieldLabApp } from '../../core/app/service.ts';
 import { startServer, type RunningServer } from '../../core/server/server.ts';
 import { tempDir } from '../helpers/home.ts';
@@ -153,3 +156,154 @@ describe('web mode server', () => {
     ws.close();
   });
 });
+
+describe('web mode: cancelling a long call', () => {
+  let server: RunningServer;
+  let app: ShieldLabApp;
+  const t = tempDir();
+  /** Long enough to convert for most of a second on a fast machine: 16 blocks of 32 MiB, one progress event each. */
+  const SIZE = 512 * 1024 * 1024;
+  const input = join(t.dir, 'big.raw');
+  let origin = '';
+  let events: ReturnType<typeof listen>;
+  let n = 0;
+
+  before(async () => {
+    // Random data (one random 8 MiB piece over and over): no block reads as zeros, so every one is copied.
+    const piece = randomBytes(8 * 1024 * 1024);
+    const fd = openSync(input, 'w');
+    for (let at = 0; at < SIZE; at += piece.length) writeSync(fd, piece);
+    closeSync(fd);
+    app = new ShieldLabApp({ home: join(t.dir, 'home') });
+    server = await startServer({ app, staticDir: join(t.dir, 'no-renderer') });
+    origin = `http://127.0.0.1:${server.port}`;
+    events = listen(server, origin);
+    await events.opened;
+  });
+  after(async () => {
+    events?.close();
+    await server.close();
+    app.close();
+    t.cleanup();
+  });
+
+  const auth = () => ({ authorization: `Bearer ${server.token}`, 'content-type': 'application/json' });
+  const convert = (callId: string, output: string) =>
+    http(server, { method: 'POST', path: '/api/call/vhdx.convert', headers: { ...auth(), 'x-call-id': callId }, body: JSON.stringify({ input, output }) });
+  const cancel = (callId: string, headers: Record<string, string> = auth()) => http(server, { method: 'POST', path: `/api/cancel/${encodeURIComponent(callId)}`, headers, body: '{}' });
+  const fresh = (name: string) => ({ callId: `${name}-${++n}-${Date.now()}`, output: join(t.dir, `${name}-${n}.vhdx`) });
+
+  test('POST /api/cancel/<callId> stops the call: 204, the call answers `cancelled`, no output and no .partial remain', async () => {
+    const { callId, output } = fresh('cancelled');
+    const first = events.progressOf(callId);
+    const answer = convert(callId, output);
+    const progress = await first;
+    assert.ok(progress.done < progress.total, 'still running at its first progress event');
+
+    // One id, one running call: a second call under the same id is refused.
+    const twin = await convert(callId, join(t.dir, 'twin.vhdx'));
+    assert.equal(twin.status, 400, twin.body);
+    assert.equal(JSON.parse(twin.body).error.code, 'usage');
+
+    const r = await cancel(callId);
+    assert.equal(r.status, 204, r.body);
+    assert.equal(r.body, '');
+    const reply = await answer;
+    assert.equal(reply.status, 409, reply.body);
+    const error = JSON.parse(reply.body).error;
+    assert.equal(error.code, 'cancelled');
+    assert.match(error.message, /^Cancelled\b.*nothing was written/);
+    assert.equal(existsSync(output), false, 'no output');
+    assert.equal(existsSync(`${output}.partial`), false, 'no .partial');
+    assert.equal(existsSync(join(t.dir, 'twin.vhdx')), false);
+    // It ended, so it is no longer running: cancelling it again finds nothing.
+    assert.equal((await cancel(callId)).status, 404);
+  });
+
+  test('cancelling an id that runs nothing is 404 not_found', async () => {
+    const r = await cancel('no-such-call');
+    assert.equal(r.status, 404);
+    assert.equal(JSON.parse(r.body).error.code, 'not_found');
+    assert.equal((await cancel('%E0%A4%A')).status, 404, 'a malformed id is not a route');
+  });
+
+  test('cancel has the rules of /api/call: token, Origin, JSON; a refused cancel stops nothing', async () => {
+    const { callId, output } = fresh('kept');
+    const first = events.progressOf(callId);
+    const answer = convert(callId, output);
+    await first;
+    const json = { 'content-type': 'application/json' };
+    const refusals: [Record<string, string>, number][] = [
+      [{ ...json, origin }, 401], // no token
+      [{ ...json, origin, authorization: 'Bearer wrong' }, 401],
+      [{ ...json, origin: 'http://evil.example', authorization: `Bearer ${server.token}` }, 403],
+      [{ ...json, cookie: `shieldlab_token=${server.token}` }, 403], // a cookie alone, without Origin: not our page
+      [{ authorization: `Bearer ${server.token}`, 'content-type': 'text/plain' }, 400], // a cross-site form's content type
+    ];
+    for (const [headers, status] of refusals) assert.equal((await cancel(callId, headers)).status, status, JSON.stringify(headers));
+    const foreignHost = await cancel(callId, { ...auth(), host: `evil.example:${server.port}` });
+    assert.equal(foreignHost.status, 403);
+    assert.equal((await http(server, { path: `/api/cancel/${callId}`, headers: auth() })).status, 404, 'GET is no cancel');
+
+    const reply = await answer;
+    assert.equal(reply.status, 200, reply.body);
+    assert.equal(JSON.parse(reply.body).result.output, output);
+    assert.equal(existsSync(output), true);
+    assert.equal(existsSync(`${output}.partial`), false);
+  });
+
+  test('a client that goes away mid-call cancels it: the output and the .partial are removed', async () => {
+    const { callId, output } = fresh('abandoned');
+    const first = events.progressOf(callId);
+    const body = JSON.stringify({ input, output });
+    const req = request({
+      host: '127.0.0.1',
+      port: server.port,
+      method: 'POST',
+      path: '/api/call/vhdx.convert',
+      agent: false,
+      headers: { host: `127.0.0.1:${server.port}`, ...auth(), 'x-call-id': callId, 'content-length': String(Buffer.byteLength(body)) },
+    });
+    let answered = false;
+    req.on('response', () => (answered = true));
+    req.on('error', () => undefined); // we hang up ourselves
+    req.end(body);
+    const progress = await first;
+    assert.ok(progress.done < progress.total);
+    assert.equal(existsSync(`${output}.partial`), true, 'it is writing');
+    req.destroy();
+    // Its .partial goes when it ends: removed if it was cancelled, renamed into place had it run to the end.
+    const deadline = Date.now() + 20_000;
+    while (existsSync(`${output}.partial`)) {
+      assert.ok(Date.now() < deadline, 'the call never ended');
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    assert.equal(answered, false);
+    assert.equal(existsSync(output), false, 'no output: the conversion did not run to its end');
+    assert.equal(existsSync(`${output}.partial`), false, 'no .partial');
+  });
+});
+
+/** The server's event stream, with a wait for the first progress event of one call. */
+function listen(server: RunningServer, origin: string) {
+  const ws = new WebSocket(`ws://127.0.0.1:${server.port}/api/events`, { headers: { origin, authorization: `Bearer ${server.token}` } });
+  const waiting = new Map<string, (e: ProgressEvent) => void>();
+  ws.on('message', (d) => {
+    const e = JSON.parse(d.toString()) as AppEvent;
+    if (e.type === 'progress') waiting.get(e.callId)?.(e);
+  });
+  return {
+    opened: new Promise<void>((resolve, reject) => (ws.once('open', () => resolve()), ws.once('error', reject))),
+    progressOf(callId: string): Promise<ProgressEvent> {
+      return new Promise((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`no progress event for ${callId} in 20 s`)), 20_000);
+        waiting.set(callId, (e) => {
+          clearTimeout(timer);
+          waiting.delete(callId);
+          resolve(e);
+        });
+      });
+    },
+    close: () => ws.close(),
+  };
+}

@@ -1,16 +1,18 @@
 // Electron IPC without Electron: registerIpc runs against a recording stand-in for ipcMain, and
 // the real preload (electron/preload.cts, transpiled as tsc would) runs against a stand-in
 // ipcRenderer wired to it, so a call travels preload → channel → sender check → a real
-// ShieldLabApp in a temp home, and back, structured-cloned at each hop as IPC would.
+// ShieldLabApp in a temp home, and back, structured-cloned at each hop as IPC would. Cancelling a
+// call by its callId aborts the signal the app got for it.
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { EventEmitter } from 'node:events';
-import { readFileSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import ts from 'typescript';
-import { ShieldLabApp } from '../../core/app/service.ts';
-import { IPC_EVENT_CHANNEL, IPC_PREFIX, METHOD_NAMES, type AppEvent, type CallOutcome } from '../../core/app/contract.ts';
-import { IPC_MANIFEST_CHANNEL, registerIpc, type EventTargetLike } from '../../electron/ipc.ts';
+import { ShieldLabApp, type CallContext } from '../../core/app/service.ts';
+import { IPC_EVENT_CHANNEL, IPC_PREFIX, METHOD_NAMES, type AppEvent, type CallOutcome, type ProgressEvent } from '../../core/app/contract.ts';
+import { ShieldError } from '../../core/errors.ts';
+import { IPC_CANCEL_CHANNEL, IPC_MANIFEST_CHANNEL, registerIpc, type EventTargetLike } from '../../electron/ipc.ts';
 import { isTrustedFrame, type FrameLike } from '../../electron/origin.ts';
 import { RecordingIpcMain } from '../helpers/electron-stand-in.ts';
 import { ROOT, tempDir } from '../helpers/home.ts';
@@ -32,9 +34,9 @@ function setup(t: TestContext) {
 
 const INIT_ARGS = { keychain: false, passphrase: 'correct horse battery staple', kdfMemoryMib: 16 };
 
-test('every contract method gets exactly one channel, derived from its name', (t) => {
+test('every contract method gets exactly one channel, derived from its name, plus the cancel channel', (t) => {
   const { ipcMain, ipc } = setup(t);
-  const expected = METHOD_NAMES.map((m) => `${IPC_PREFIX}${m}`).sort();
+  const expected = [...METHOD_NAMES.map((m) => `${IPC_PREFIX}${m}`), IPC_CANCEL_CHANNEL].sort();
   assert.deepEqual([...ipcMain.handlers.keys()].sort(), expected);
   assert.deepEqual([...ipc.channels].sort(), expected);
   assert.equal(ipcMain.listeners.get(IPC_MANIFEST_CHANNEL)?.size, 1);
@@ -78,7 +80,12 @@ test('a call from any other frame is refused as forbidden and never reaches the 
 
 test('the manifest goes to our frames only', (t) => {
   const { ipcMain } = setup(t);
-  assert.deepEqual(ipcMain.sendSyncFrom(OURS, IPC_MANIFEST_CHANNEL), { prefix: IPC_PREFIX, eventChannel: IPC_EVENT_CHANNEL, methods: METHOD_NAMES });
+  assert.deepEqual(ipcMain.sendSyncFrom(OURS, IPC_MANIFEST_CHANNEL), {
+    prefix: IPC_PREFIX,
+    eventChannel: IPC_EVENT_CHANNEL,
+    cancelChannel: IPC_CANCEL_CHANNEL,
+    methods: METHOD_NAMES,
+  });
   assert.equal(ipcMain.sendSyncFrom(EVIL, IPC_MANIFEST_CHANNEL), null);
   assert.equal(ipcMain.sendSyncFrom(null, IPC_MANIFEST_CHANNEL), null);
 });
@@ -113,10 +120,81 @@ test('dispose removes every handler and listener', (t) => {
   assert.equal(ipcMain.listeners.get(IPC_MANIFEST_CHANNEL)?.size, 0);
 });
 
+// ---- cancelling ------------------------------------------------------------------------------------
+
+/** An app whose calls run until their signal fires, recording the context each one got. */
+function pendingApp() {
+  const calls: { method: string; ctx: CallContext }[] = [];
+  const finish = new Map<string, () => void>();
+  const app = {
+    invoke: (method: string, _args: unknown, ctx: CallContext = {}) =>
+      new Promise<unknown>((resolve, reject) => {
+        calls.push({ method, ctx });
+        if (ctx.callId) finish.set(ctx.callId, () => resolve({ records: 0 }));
+        ctx.signal?.addEventListener('abort', () => reject(new ShieldError('cancelled', 'Cancelled: nothing was written.')));
+      }),
+    onEvent: () => () => undefined,
+  };
+  return { app, calls, finish };
+}
+
+test('the cancel channel aborts the signal the app got for that callId, and that call only', async (t) => {
+  const { app, calls, finish } = pendingApp();
+  const ipcMain = new RecordingIpcMain();
+  const refused: string[] = [];
+  const ipc = registerIpc({ app, ipcMain, isTrustedSender: isTrustedFrame, log: (l) => refused.push(l) });
+  t.after(() => ipc.dispose());
+
+  const first = ipcMain.invokeFrom(OURS, 'shieldlab:vault.rotateKey', {}, { callId: 'call-1' }) as Promise<CallOutcome>;
+  const second = ipcMain.invokeFrom(OURS, 'shieldlab:vault.rotateKey', {}, { callId: 'call-2' }) as Promise<CallOutcome>;
+  await new Promise((r) => setImmediate(r));
+  assert.deepEqual(calls.map((c) => c.ctx.callId), ['call-1', 'call-2']);
+  const [one, two] = calls.map((c) => c.ctx.signal!);
+  assert.ok(one && two && !one.aborted && !two.aborted);
+
+  // Another frame may not cancel; an id that runs nothing is not cancelled.
+  assert.equal(await ipcMain.invokeFrom(EVIL, IPC_CANCEL_CHANNEL, 'call-1'), false);
+  assert.equal(await ipcMain.invokeFrom(null, IPC_CANCEL_CHANNEL, 'call-1'), false);
+  assert.equal(one.aborted, false);
+  assert.equal(refused.length, 2);
+  assert.equal(await ipcMain.invokeFrom(OURS, IPC_CANCEL_CHANNEL, 'call-3'), false);
+  assert.equal(await ipcMain.invokeFrom(OURS, IPC_CANCEL_CHANNEL, { callId: 'call-1' }), false);
+
+  // One id, one running call.
+  const twin = (await ipcMain.invokeFrom(OURS, 'shieldlab:vault.rotateKey', {}, { callId: 'call-1' })) as CallOutcome;
+  assert.equal(!twin.ok && twin.error.code, 'usage');
+
+  assert.equal(await ipcMain.invokeFrom(OURS, IPC_CANCEL_CHANNEL, 'call-1'), true);
+  assert.equal(one.aborted, true);
+  assert.equal(two.aborted, false);
+  assert.deepEqual(await first, { ok: false, error: { code: 'cancelled', message: 'Cancelled: nothing was written.' } });
+  // Ended: its id runs nothing any more.
+  assert.equal(await ipcMain.invokeFrom(OURS, IPC_CANCEL_CHANNEL, 'call-1'), false);
+
+  finish.get('call-2')!();
+  assert.deepEqual(await second, { ok: true, result: { records: 0 } });
+  assert.equal(await ipcMain.invokeFrom(OURS, IPC_CANCEL_CHANNEL, 'call-2'), false);
+  assert.equal(two.aborted, false);
+});
+
+test('dispose cancels the calls still running, with or without a callId', async (t) => {
+  const { app, calls } = pendingApp();
+  const ipcMain = new RecordingIpcMain();
+  const ipc = registerIpc({ app, ipcMain, isTrustedSender: isTrustedFrame });
+  t.after(() => ipc.dispose());
+  const tagged = ipcMain.invokeFrom(OURS, 'shieldlab:vault.rotateKey', {}, { callId: 'c' }) as Promise<CallOutcome>;
+  const bare = ipcMain.invokeFrom(OURS, 'shieldlab:vault.rotateKey', {}) as Promise<CallOutcome>;
+  await new Promise((r) => setImmediate(r));
+  assert.equal(calls.length, 2);
+  ipc.dispose();
+  for (const outcome of await Promise.all([tagged, bare])) assert.equal(!outcome.ok && outcome.error.code, 'cancelled');
+});
+
 // ---- the preload ---------------------------------------------------------------------------------
 
 interface Exposed {
   invoke(method: unknown, args: unknown, opts?: unknown): Promise<CallOutcome>;
+  cancel(callId: unknown): Promise<boolean>;
   onEvent(listener: (e: unknown) => void): () => void;
 }
 
@@ -152,12 +230,12 @@ function loadPreload(ipcMain: RecordingIpcMain, frame: FrameLike) {
   return { exposed, required, window, listenerCount: () => renderer.listenerCount(IPC_EVENT_CHANNEL) };
 }
 
-test('the preload exposes only invoke and onEvent, and requires only electron', (t) => {
+test('the preload exposes only invoke, cancel and onEvent, and requires only electron', (t) => {
   const { ipcMain } = setup(t);
   const { exposed, required } = loadPreload(ipcMain, OURS);
   assert.deepEqual([...exposed.keys()], ['shieldlab']);
   const api = exposed.get('shieldlab') as Record<string, unknown>;
-  assert.deepEqual(Object.keys(api).sort(), ['invoke', 'onEvent']);
+  assert.deepEqual(Object.keys(api).sort(), ['cancel', 'invoke', 'onEvent']);
   assert.ok(Object.isFrozen(api));
   assert.deepEqual(required, ['electron']);
 });
@@ -193,6 +271,41 @@ test('a preload in a page that is not ours gets no methods at all', async (t) =>
   const api = loadPreload(ipcMain, EVIL).exposed.get('shieldlab') as Exposed;
   const outcome = await api.invoke('vault.status', {});
   assert.equal(!outcome.ok && outcome.error.code, 'usage');
+  assert.equal(await api.cancel('any'), false);
   const stop = api.onEvent(() => assert.fail('no events for foreign pages'));
   stop();
+});
+
+test('through the preload, a real conversion is cancelled by its callId: `cancelled`, and no output is left', async (t) => {
+  const { ipcMain, ipc } = setup(t);
+  const { exposed, window } = loadPreload(ipcMain, OURS);
+  const api = exposed.get('shieldlab') as Exposed;
+  ipc.attach(window);
+  const { dir, cleanup } = tempDir();
+  t.after(cleanup);
+  // 256 MiB that is nowhere zero, in 32 MiB blocks: eight progress events, the first long before the end.
+  const input = join(dir, 'big.raw');
+  const output = join(dir, 'big.vhdx');
+  const piece = Buffer.alloc(8 * 1024 * 1024, 0x5a);
+  const fd = openSync(input, 'w');
+  for (let i = 0; i < 32; i++) writeSync(fd, piece);
+  closeSync(fd);
+
+  const firstProgress = new Promise<ProgressEvent>((resolve) => {
+    const stop = api.onEvent((e) => {
+      const event = e as AppEvent;
+      if (event.type !== 'progress' || event.callId !== 'convert-1') return;
+      stop();
+      resolve(event);
+    });
+  });
+  const answer = api.invoke('vhdx.convert', { input, output }, { callId: 'convert-1' });
+  const progress = await firstProgress;
+  assert.ok(progress.done < progress.total);
+  assert.equal(await api.cancel('convert-1'), true);
+  const outcome = await answer;
+  assert.equal(!outcome.ok && outcome.error.code, 'cancelled');
+  assert.equal(existsSync(output), false);
+  assert.equal(existsSync(`${output}.partial`), false);
+  assert.equal(await api.cancel('convert-1'), false, 'ended: nothing runs under its id');
 });
