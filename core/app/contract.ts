@@ -127,6 +127,48 @@ export const ReleaseCheck = z.object({
 
 export const RegisteredHost = z.object({ name: z.string(), hostId: z.string(), registeredAt: z.string() });
 
+export const TpmHostInfo = z.object({
+  name: z.string(),
+  hostId: z.string(),
+  address: z.string(),
+  registeredAt: z.string(),
+  ekCertificate: z.string(),
+  akName: z.string(),
+  baseline: z.object({ pcrs: z.array(z.number()), capturedAt: z.string(), eventLog: z.string(), events: z.number() }).nullable(),
+  binaries: z.number(),
+  lastAttestation: z.object({ at: z.string(), resetCount: z.number(), restartCount: z.number() }).nullable(),
+});
+
+export const BaselineReport = z.object({
+  hostId: z.string(),
+  bank: z.literal('sha256'),
+  pcrs: z.array(z.number()),
+  values: z.record(z.string(), z.string()),
+  eventLog: z.string(),
+  events: z.number(),
+  capturedAt: z.string(),
+  changed: z.boolean(),
+  relearned: z.boolean(),
+  findings: z.array(z.string()),
+});
+
+export const BaselineDiff = z.object({
+  matches: z.boolean(),
+  pcrs: z.array(z.object({ pcr: z.number(), baseline: z.string(), current: z.string(), matches: z.boolean() })),
+  findings: z.array(z.string()),
+  reasons: z.array(z.string()),
+});
+
+export const CodeIntegrityPolicy = z.object({
+  binaries: z.array(z.object({ path: z.string(), sha256: z.string(), addedAt: z.string(), current: z.enum(['ok', 'changed', 'missing']) })),
+});
+
+/** --tpm and --event-log, for every host command that talks to the TPM. */
+const tpmArgs = {
+  tpm: z.string().min(1).max(300).optional().describe('TPM address: device[:/dev/tpmrm0], swtpm:host=H,port=P or mssim:… (default: the one registered, else device:/dev/tpmrm0)'),
+  eventLog: path.optional().describe('TCG event log file (default: the baseline’s, else /sys/kernel/security/tpm0/binary_bios_measurements)'),
+};
+
 export const HostStatus = z.object({
   hostName: z.string(),
   hostId: z.string().nullable(),
@@ -137,6 +179,7 @@ export const HostStatus = z.object({
   certificate: z
     .object({ mode: AttestationMode, hostId: z.string(), hostName: z.string(), issuedAt: z.string(), expiresAt: z.string(), serial: z.string(), valid: z.boolean(), problem: z.string().nullable() })
     .nullable(),
+  tpm: TpmHostInfo.nullable(),
 });
 
 
@@ -553,10 +596,68 @@ export const contract = {
     needs: 'unlocked',
   }),
   'host.attest': method({
-    summary: 'Attest this host and get a health certificate (default 8 h)',
+    summary: 'Attest this host and get a health certificate (default 8 h); tpm mode quotes the registered TPM',
     cli: { path: ['host', 'attest'] },
-    args: z.object({ mode: AttestationMode.default('host-key').describe('attestation mode') }),
+    args: z.object({ mode: AttestationMode.default('host-key').describe('attestation mode'), ...tpmArgs }),
     result: HostStatus,
+    needs: 'unlocked',
+  }),
+  'host.register': method({
+    summary: 'Register this host for attestation: --mode tpm records its TPM (EK, EK certificate, an AK proven by credential activation)',
+    cli: { path: ['host', 'register'] },
+    args: z.object({
+      mode: AttestationMode.default('tpm').describe('attestation mode (host-key: as `host register-key`)'),
+      tpm: tpmArgs.tpm,
+      name: z.string().min(1).max(64).optional().describe('name for this host (default: its host name)'),
+      yes: z.boolean().default(false).describe('replace a registration of another TPM (its baseline goes with it)'),
+    }),
+    result: HostStatus,
+    needs: 'unlocked',
+  }),
+  'host.baselineCapture': method({
+    summary: 'Capture the TPM baseline (SHA-256 PCRs and the event log, from a verified quote); a change needs --yes and is audited',
+    cli: { path: ['host', 'baseline', 'capture'] },
+    args: z.object({
+      ...tpmArgs,
+      pcrs: z.array(z.coerce.number().int().min(0).max(23)).min(1).max(24).meta({ commaList: true }).optional().describe('PCRs to baseline (default 0,1,2,3,4,5,6,7, or the current baseline’s)'),
+      yes: z.boolean().default(false).describe('re-learn a baseline that changed (audited)'),
+    }),
+    result: BaselineReport,
+    needs: 'unlocked',
+  }),
+  'host.baselineShow': method({
+    summary: 'Show the TPM baseline: PCR values, event log, when it was captured',
+    cli: { path: ['host', 'baseline', 'show'] },
+    args: z.object({}),
+    result: BaselineReport,
+    needs: 'unlocked',
+  }),
+  'host.baselineDiff': method({
+    summary: 'Compare the TPM’s PCRs now (verified quote) with the baseline, explained event by event (exit 1 when they differ)',
+    cli: { path: ['host', 'baseline', 'diff'] },
+    args: z.object({ ...tpmArgs }),
+    result: BaselineDiff,
+    needs: 'unlocked',
+  }),
+  'host.policyAddBinary': method({
+    summary: 'Allow a binary that touches shielded VMs (QEMU, swtpm, OVMF, ShieldLab) at its current SHA-256; again after an update',
+    cli: { path: ['host', 'policy', 'add-binary'], positional: ['path'] },
+    args: z.object({ path }),
+    result: CodeIntegrityPolicy,
+    needs: 'unlocked',
+  }),
+  'host.policyRemoveBinary': method({
+    summary: 'Remove a binary from the code-integrity allow-list',
+    cli: { path: ['host', 'policy', 'remove-binary'], positional: ['path'] },
+    args: z.object({ path }),
+    result: CodeIntegrityPolicy,
+    needs: 'unlocked',
+  }),
+  'host.policyShow': method({
+    summary: 'The code-integrity allow-list, each binary checked against its file now',
+    cli: { path: ['host', 'policy', 'show'] },
+    args: z.object({}),
+    result: CodeIntegrityPolicy,
     needs: 'unlocked',
   }),
   'host.revokeCertificates': method({

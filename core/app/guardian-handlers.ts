@@ -18,6 +18,8 @@ import {
 } from '../guardian/key-protector.ts';
 import { checkRelease, type GuardianDirectory } from '../guardian/release.ts';
 import { AttestationService } from '../attestation/service.ts';
+import { addBinary, loadPolicy, removeBinary, sha256File, type CodeIntegrityPolicy } from '../attestation/baseline.ts';
+import { captureBaseline, diffBaseline, showBaseline } from '../attestation/tpm-mode.ts';
 import type { GuardianInfo, KpInfo, MethodName, ParsedArgs, Result } from './contract.ts';
 
 type Handler<M extends MethodName> = (args: ParsedArgs<M>) => Promise<Result<M>>;
@@ -135,6 +137,16 @@ export function heldOwnerOf(s: GuardianStore, kp: KeyProtector, what: string): H
   const ownerName = s.list().find((g) => g.signing.thumbprint === kp.authorization.owner && g.hasPrivateKeys)?.name;
   if (!ownerName) throw new ShieldError('kp_not_owner', `Only the owner (${kp.owner.name}) can ${what}, and this host does not hold it.`);
   return held(s, ownerName);
+}
+
+/** The allow-list with each binary checked against its file now. */
+function policyNow(policy: CodeIntegrityPolicy): Result<'host.policyShow'> {
+  return {
+    binaries: policy.binaries.map((b) => {
+      const now = sha256File(b.path);
+      return { ...b, current: now === null ? ('missing' as const) : now === b.sha256 ? ('ok' as const) : ('changed' as const) };
+    }),
+  };
 }
 
 export function guardianHandlers(vault: () => Vault): { [M in GuardianMethods]: Handler<M> } {
@@ -286,13 +298,39 @@ export function guardianHandlers(vault: () => Vault): { [M in GuardianMethods]: 
     },
     'host.attest': async (args) => {
       const a = attestation();
+      if (args.mode === 'tpm') {
+        await a.attestTpm({ address: a.tpmAddress(args.tpm), eventLog: args.eventLog });
+        return a.status();
+      }
+      if (args.tpm !== undefined || args.eventLog !== undefined) throw new ShieldError('usage', '--tpm and --event-log apply to --mode tpm only.');
       if (args.mode !== 'host-key') {
         vault().record({ action: 'host.attest', outcome: 'refused', subject: args.mode, reason: 'ModeUnavailable' });
-        throw new ShieldError('attestation_failed', `${args.mode} attestation is not available in this version; use --mode host-key.`, { details: { reason: 'ModeUnavailable' } });
+        throw new ShieldError('attestation_failed', `${args.mode} attestation is not available in this version; use --mode tpm or --mode host-key.`, { details: { reason: 'ModeUnavailable' } });
       }
       a.attestHostKey();
       return a.status();
     },
+    'host.register': async (args) => {
+      const a = attestation();
+      if (args.mode === 'host-key') {
+        if (args.tpm !== undefined) throw new ShieldError('usage', '--tpm applies to --mode tpm only.');
+        a.registerHostKey(args.name ? { name: args.name } : {});
+      } else if (args.mode === 'tpm') {
+        await a.registerTpm({ ...(args.tpm ? { address: args.tpm } : {}), ...(args.name ? { name: args.name } : {}), replace: args.yes });
+      } else {
+        throw new ShieldError('invalid_argument', `${args.mode} registration is not available in this version; use --mode tpm or --mode host-key.`);
+      }
+      return a.status();
+    },
+    'host.baselineCapture': async (args) => {
+      const a = attestation();
+      return captureBaseline(vault(), { address: a.tpmAddress(args.tpm), eventLog: args.eventLog, pcrs: args.pcrs, yes: args.yes, now: new Date() });
+    },
+    'host.baselineShow': async () => showBaseline(vault()),
+    'host.baselineDiff': async (args) => diffBaseline(vault(), { address: attestation().tpmAddress(args.tpm), eventLog: args.eventLog }),
+    'host.policyAddBinary': async (args) => policyNow(addBinary(vault(), args.path, new Date())),
+    'host.policyRemoveBinary': async (args) => policyNow(removeBinary(vault(), args.path)),
+    'host.policyShow': async () => policyNow(loadPolicy(vault())),
     'host.revokeCertificates': async (args) => {
       const a = attestation();
       a.revokeBefore(args.before ? new Date(args.before) : new Date());

@@ -57,8 +57,8 @@ export interface VerifyContext {
   now: Date;
   /** Certificates issued before this moment are revoked. */
   revokedBefore?: string | undefined;
-  /** The host that presents it must be the host it was issued to. */
-  hostId: string;
+  /** The host that presents it must be the host it was issued to (any of its ids: host key, TPM). */
+  hostId: string | readonly string[];
 }
 
 function refuse(reason: string, message: string): ShieldError {
@@ -93,6 +93,6 @@ export function verifyHealthCertificate(encoded: string, ctx: VerifyContext): He
   if (ctx.revokedBefore && issued < Date.parse(ctx.revokedBefore)) {
     throw refuse('Revoked', `Health certificates issued before ${ctx.revokedBefore} are revoked: attest again.`);
   }
-  if (claims.hostId !== ctx.hostId) throw refuse('WrongHost', `The health certificate belongs to another host (${claims.hostName}).`);
+  if (typeof ctx.hostId === 'string' ? claims.hostId !== ctx.hostId : !ctx.hostId.includes(claims.hostId)) throw refuse('WrongHost', `The health certificate belongs to another host (${claims.hostName}).`);
   return new HealthCertificate(verified, claims, encoded);
 }

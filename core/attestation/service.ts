@@ -7,6 +7,7 @@ import type { Vault } from '../vault/mod.ts';
 import { ShieldError } from '../errors.ts';
 import { issueHealthCertificate, verifyHealthCertificate, type HealthCertificate, type HealthClaims } from './health-certificate.ts';
 import type { AttestationMode } from './modes.ts';
+import { DEFAULT_TPM_ADDRESS, attestTpmHost, loadTpmHost, registerTpmHost, tpmHostId, tpmHostInfo, type SessionOptions, type TpmHostInfo } from './tpm-mode.ts';
 
 export const DEFAULT_VALIDITY_HOURS = 8;
 
@@ -39,6 +40,8 @@ export interface HostStatus {
   validityHours: number;
   revokedBefore: string | null;
   certificate: (HealthClaims & { valid: boolean; problem: string | null }) | null;
+  /** The registered TPM host (tpm mode), or null. */
+  tpm: TpmHostInfo | null;
 }
 
 /** A host's identity: SHA-256 of its public key (SPKI DER), hex. */
@@ -164,14 +167,52 @@ export class AttestationService {
     return this.verify(encoded);
   }
 
-  /** Checks a certificate against this service's key, the revocation date and this host's id. */
+  /** The TPM address to use: the one asked for, else the registered one, else the kernel's device. */
+  tpmAddress(asked?: string): string {
+    return asked ?? loadTpmHost(this.vault)?.address ?? DEFAULT_TPM_ADDRESS;
+  }
+
+  /** Registers this host's TPM (tpm mode): EK, EK certificate, an AK bound by credential activation. Audited. */
+  async registerTpm(opts: { address?: string; name?: string; replace?: boolean } = {}): Promise<TpmHostInfo> {
+    await registerTpmHost(this.vault, { address: this.tpmAddress(opts.address), now: this.now(), ...(opts.name ? { name: opts.name } : {}), ...(opts.replace ? { replace: true } : {}) });
+    return tpmHostInfo(this.vault)!;
+  }
+
+  /**
+   * TPM mode: a fresh-nonce quote of the registered TPM, checked against the baseline, the event
+   * log and the code-integrity policy (tpm-verify.ts). Every success and refusal is audited.
+   */
+  async attestTpm(opts: SessionOptions = {}): Promise<HealthCertificate> {
+    const mode: AttestationMode = 'tpm';
+    let host;
+    try {
+      host = await attestTpmHost(this.vault, { ...opts, now: this.now() });
+    } catch (err) {
+      const e = err instanceof ShieldError ? err : null;
+      const reasons = (e?.details?.reasons as string[] | undefined) ?? [String(e?.details?.reason ?? (e?.code === 'tpm_unavailable' ? 'TpmUnavailable' : e?.code === 'tpm_error' ? 'TpmError' : (e?.code ?? 'internal')))];
+      this.vault.record({ action: 'host.attest', outcome: 'refused', subject: mode, reason: reasons.join(',') });
+      throw err;
+    }
+    const state = this.state();
+    const { encoded } = issueHealthCertificate(this.signingKey(state), { hostId: host.hostId, hostName: host.name, mode, now: this.now(), validityHours: state.validityHours });
+    state.current = encoded;
+    this.save(state);
+    this.vault.record({ action: 'host.attest', outcome: 'ok', subject: mode });
+    return this.verify(encoded);
+  }
+
+  /**
+   * Checks a certificate against this service's key, the revocation date and this host's ids: its
+   * host key's, or its registered TPM's (tpm mode).
+   */
   verify(encoded: string): HealthCertificate {
     const state = this.state();
+    const ids = [this.hostId(), tpmHostId(this.vault)].filter((id): id is string => id !== null);
     return verifyHealthCertificate(encoded, {
       issuerKey: createPublicKey(this.signingKey(state)),
       now: this.now(),
       revokedBefore: state.revokedBefore,
-      hostId: this.hostId() ?? '',
+      hostId: ids.length > 0 ? ids : '',
     });
   }
 
@@ -210,6 +251,7 @@ export class AttestationService {
       validityHours: state.validityHours,
       revokedBefore: state.revokedBefore ?? null,
       certificate,
+      tpm: tpmHostInfo(this.vault),
     };
   }
 }

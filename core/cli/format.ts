@@ -133,9 +133,56 @@ export function formatHuman(method: MethodName, result: unknown): string {
       return formatCheck(r as unknown as CheckOutput);
     case 'vhdx.resize':
       return `Resized ${String(r.file)}: ${String(r.oldSize)} → ${String(r.newSize)} bytes${r.batMoved ? ' (the BAT moved to a larger region at the end of the file)' : ''}.\n`;
+    case 'host.status':
+    case 'host.attest':
+    case 'host.register':
+    case 'host.revokeCertificates':
+      return formatHostStatus(r);
+    case 'host.baselineCapture':
+    case 'host.baselineShow': {
+      const values = r.values as Record<string, string>;
+      const head = r.relearned ? 'Baseline re-learnt' : r.changed ? 'Baseline captured' : 'Baseline';
+      return [
+        `${head} for TPM host ${String(r.hostId).slice(0, 16)}… at ${String(r.capturedAt)}: SHA-256 PCRs ${(r.pcrs as number[]).join(',')}, event log ${String(r.eventLog)} (${String(r.events)} events)`,
+        ...(r.pcrs as number[]).map((p) => `  PCR ${String(p).padStart(2)}: ${values[p] ?? ''}`),
+        ...((r.findings as string[]).length ? ['What changed:', ...(r.findings as string[]).map((f) => `  ${f}`)] : []),
+        '',
+      ].join('\n');
+    }
+    case 'host.baselineDiff': {
+      const pcrs = r.pcrs as { pcr: number; baseline: string; current: string; matches: boolean }[];
+      return [
+        r.matches ? 'The TPM matches the baseline.' : `The TPM does NOT match the baseline${(r.reasons as string[]).length ? ` (${(r.reasons as string[]).join(', ')})` : ''}:`,
+        ...pcrs.filter((p) => !p.matches).map((p) => `  PCR ${p.pcr}: ${p.baseline.slice(0, 16)}… → ${p.current.slice(0, 16)}…`),
+        ...(r.findings as string[]).map((f) => `  ${f}`),
+        '',
+      ].join('\n');
+    }
+    case 'host.policyAddBinary':
+    case 'host.policyRemoveBinary':
+    case 'host.policyShow':
+      return `Code-integrity allow-list:\n${table(r.binaries as Row[], [['path', 'PATH'], ['sha256', 'SHA-256'], ['current', 'NOW'], ['addedAt', 'ADDED']])}`;
     default:
       return keyValues(r);
   }
+}
+
+function formatHostStatus(r: Row): string {
+  const cert = r.certificate as Row | null;
+  const tpm = r.tpm as (Row & { baseline: Row | null; lastAttestation: Row | null }) | null;
+  return [
+    `Host ${String(r.hostName)}`,
+    `  host key: ${r.hostId ? `${String(r.hostId)}${r.hostKeyRegistered ? ' (registered)' : ' (not registered)'}` : 'none'}`,
+    `  TPM: ${tpm ? `${String(tpm.hostId)} at ${String(tpm.address)}, EK certificate: ${String(tpm.ekCertificate)}` : 'not registered'}`,
+    ...(tpm
+      ? [
+          `  baseline: ${tpm.baseline ? `PCRs ${(tpm.baseline.pcrs as number[]).join(',')}, captured ${String(tpm.baseline.capturedAt)} from ${String(tpm.baseline.eventLog)}` : 'none (run `host baseline capture`)'}`,
+          `  code-integrity allow-list: ${String(tpm.binaries)} binar${tpm.binaries === 1 ? 'y' : 'ies'}`,
+        ]
+      : []),
+    `  health certificate: ${cert ? `${String(cert.mode)}, issued ${String(cert.issuedAt)}, expires ${String(cert.expiresAt)}, ${cert.valid ? 'valid' : `NOT valid (${String(cert.problem)})`}` : 'none'}`,
+    '',
+  ].join('\n');
 }
 
 interface CheckReportOut {
@@ -195,6 +242,7 @@ export function exitStatusFor(method: MethodName, result: unknown): number {
     return s.errors > 0 ? 2 : s.leaks > 0 ? 3 : 0;
   }
   if (method === 'kp.release' && !(result as { allowed: boolean }).allowed) return 1;
+  if (method === 'host.baselineDiff' && !(result as { matches: boolean }).matches) return 1;
   if (method === 'vault.audit') {
     const v = (result as { verification?: { ok: boolean } }).verification;
     if (v && !v.ok) return 1;

@@ -126,3 +126,25 @@ export function tpm2(tool: string, args: string[], tcti: string | null, opts: { 
     throw new Error(`${tool} ${args.join(' ')} failed (exit ${e.status}):\n${e.stderr ?? ''}${e.stdout ?? ''}`.trimEnd(), { cause: err });
   }
 }
+
+/**
+ * A measured boot on an swtpm: extends every measured event of a TCG event log into its PCR, in
+ * each bank the log records that the TPM has (SHA-1, SHA-256), as firmware does — so the log
+ * replays to the PCRs. The connection is closed afterwards (swtpm serves one client at a time).
+ */
+export async function measureLog(address: string, log: Uint8Array): Promise<void> {
+  const { Tpm, TPM_ALG } = await import('../../core/tpm/mod.ts');
+  const { parseEventLog, measuredEvents, PCR_COUNT } = await import('../../core/attestation/eventlog.ts');
+  const parsed = parseEventLog(log);
+  const algs: Record<string, number> = { sha1: TPM_ALG.SHA1, sha256: TPM_ALG.SHA256 };
+  const events = Array.from({ length: PCR_COUNT }, (_, pcr) => measuredEvents(parsed, pcr)).flat().sort((a, b) => a.index - b.index);
+  const tpm = await Tpm.open(address);
+  try {
+    for (const e of events) {
+      const digests = Object.entries(e.digests).filter(([alg]) => alg in algs).map(([alg, hex]) => ({ hashAlg: algs[alg]!, digest: Buffer.from(hex, 'hex') }));
+      await tpm.pcrExtend(e.pcr, digests);
+    }
+  } finally {
+    await tpm.close();
+  }
+}
