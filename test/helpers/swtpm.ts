@@ -72,8 +72,9 @@ function canConnect(port: number): Promise<boolean> {
  * control port accepts connections (swtpm opens it after the data port; a probe there costs the
  * TPM nothing, whereas a data-port probe would occupy swtpm's single data connection).
  */
-export async function startSwtpm(t: TestContext | null, start: SwtpmStart = 'started'): Promise<Swtpm> {
-  const { dir, cleanup } = tempDir('shieldlab-swtpm-');
+export async function startSwtpm(t: TestContext | null, start: SwtpmStart = 'started', opts: { stateDir?: string } = {}): Promise<Swtpm> {
+  // A given state folder is the caller's (a TPM restarted on its state, or on an older copy of it): kept.
+  const { dir, cleanup } = opts.stateDir ? { dir: opts.stateDir, cleanup: () => undefined } : tempDir('shieldlab-swtpm-');
   for (let attempt = 0; ; attempt++) {
     const port = await freePortPair();
     const flags = start === 'started' ? ['--flags', 'not-need-init,startup-clear'] : start === 'needs-startup' ? ['--flags', 'not-need-init'] : [];

@@ -8,7 +8,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Vault } from '../../core/vault/mod.ts';
 import { ShieldError } from '../../core/errors.ts';
@@ -427,5 +427,73 @@ test('cross-check with tpm2-tools: tpm2_checkquote verifies our quote; our verif
   assert.deepEqual(verdict.quoted, e.pcrValues);
   // …and tells it from one signed by another key.
   assert.deepEqual(reasonsOf(verifyTpmEvidence(theirs, expectations(h, n2))), ['QuoteSignature']);
+  h.vault.close();
+});
+
+test('a TPM whose state was put back to an older copy (restarted on it) is refused: ClockRollback from the real counters', { skip }, async (t) => {
+  const { dir, cleanup } = tempDir();
+  t.after(cleanup);
+  const state = join(dir, 'tpm-state');
+  const old = join(dir, 'tpm-state-old');
+  mkdirSync(state);
+  const log = buildEventLog(bootEvents());
+  const logFile = join(dir, 'binary_bios_measurements');
+  writeFileSync(logFile, log);
+  /**
+   * One power cycle: swtpm on the folder (TPM2_Startup(CLEAR) counts a reset), the boot measured;
+   * stop() shuts it down in order (TPM2_Shutdown, as the OS does), else its clock is not "safe".
+   */
+  const boot = async (folder: string) => {
+    const sw = await startSwtpm(null, 'started', { stateDir: folder });
+    await measureLog(sw.address, log);
+    const stop = async () => {
+      const tpm = await Tpm.open(sw.address);
+      try {
+        await tpm.shutdown();
+      } finally {
+        await tpm.close();
+      }
+      await sw.stop();
+    };
+    return { ...sw, stop };
+  };
+  const h = await moduleHost(dir);
+  const qemu = join(dir, 'qemu-system-x86_64');
+  writeFileSync(qemu, 'qemu 8.2 stand-in');
+  let sw = await boot(state);
+  try {
+    await h.attestation.registerTpm({ address: sw.address });
+    await captureBaseline(h.vault, { address: sw.address, eventLog: logFile, now: new Date() });
+    addBinary(h.vault, qemu, new Date());
+    await h.attestation.attestTpm({ address: sw.address, eventLog: logFile });
+  } finally {
+    await sw.stop();
+  }
+  cpSync(state, old, { recursive: true }); // the copy an attacker keeps
+  for (let cycle = 0; cycle < 2; cycle++) {
+    sw = await boot(state);
+    try {
+      assert.equal((await h.attestation.attestTpm({ address: sw.address, eventLog: logFile })).claims.mode, 'tpm', `power cycle ${cycle + 1}`);
+    } finally {
+      await sw.stop();
+    }
+  }
+  const before = loadTpmHost(h.vault)!.lastClock!;
+  // The older copy, started: same EK and AK (same seeds), PCRs as the baseline — but its reset
+  // counter is behind the one the guardian last saw.
+  sw = await boot(old);
+  try {
+    await assert.rejects(h.attestation.attestTpm({ address: sw.address, eventLog: logFile }), refusedWith('ClockRollback', /reset counter went backwards/));
+  } finally {
+    await sw.stop();
+  }
+  assert.deepEqual(loadTpmHost(h.vault)!.lastClock, before, 'a refused attestation does not move the recorded clock');
+  // And the real TPM, booted again, still attests.
+  sw = await boot(state);
+  try {
+    await h.attestation.attestTpm({ address: sw.address, eventLog: logFile });
+  } finally {
+    await sw.stop();
+  }
   h.vault.close();
 });
