@@ -191,6 +191,10 @@ export class AttestationService {
       const e = err instanceof ShieldError ? err : null;
       const reasons = (e?.details?.reasons as string[] | undefined) ?? [String(e?.details?.reason ?? (e?.code === 'tpm_unavailable' ? 'TpmUnavailable' : e?.code === 'tpm_error' ? 'TpmError' : (e?.code ?? 'internal')))];
       this.vault.record({ action: 'host.attest', outcome: 'refused', subject: mode, reason: reasons.join(',') });
+      // The TPM's own evidence now says the host is not as it was: a tpm certificate issued earlier
+      // must not go on releasing keys until it expires. (An unreachable TPM proves nothing either
+      // way: then the certificate stands, as HGS lets a valid one run to its expiry.)
+      if (e?.code === 'attestation_failed' && !reasons.includes('NotConfigured')) this.withdrawCurrent(mode, reasons);
       throw err;
     }
     const state = this.state();
@@ -214,6 +218,17 @@ export class AttestationService {
       revokedBefore: state.revokedBefore,
       hostId: ids.length > 0 ? ids : '',
     });
+  }
+
+  /** Drops the current certificate if it was issued in `mode`; audited. */
+  private withdrawCurrent(mode: AttestationMode, reasons: readonly string[]): void {
+    const state = this.state();
+    if (!state.current) return;
+    const claims = JSON.parse(Buffer.from(state.current.split('.')[1] ?? '', 'base64url').toString('utf8')) as Partial<HealthClaims>;
+    if (claims.mode !== mode) return;
+    delete state.current;
+    this.save(state);
+    this.vault.record({ action: 'host.certificate-withdrawn', outcome: 'ok', subject: mode, reason: reasons.join(',') });
   }
 
   /** The newest certificate issued to this host, as stored (it may have expired or been revoked). */

@@ -1,5 +1,5 @@
-// The navigation. One entry per view whose capability works today; a new capability (VMs,
-// Guardians, Host health) appears by adding its entry here.
+// The navigation. One entry per view whose capability works today; a new capability (VMs, …)
+// appears by adding its entry here.
 import type { Component } from 'svelte';
 import type { Needs } from '../../core/app/contract.ts';
 import VaultView from './views/VaultView.svelte';
@@ -7,6 +7,7 @@ import AuditView from './views/AuditView.svelte';
 import GuardiansView from './views/GuardiansView.svelte';
 import KeyProtectorsView from './views/KeyProtectorsView.svelte';
 import DisksView from './views/DisksView.svelte';
+import HostView from './views/HostView.svelte';
 
 export interface ViewEntry {
   /** The URL fragment: #/vault */
@@ -22,6 +23,7 @@ export const views: readonly [ViewEntry, ...ViewEntry[]] = [
   { id: 'guardians', label: 'Guardians', needs: 'unlocked', component: GuardiansView },
   { id: 'key-protectors', label: 'Key protectors', needs: 'unlocked', component: KeyProtectorsView },
   { id: 'disks', label: 'Disks', needs: 'unlocked', component: DisksView },
+  { id: 'host', label: 'Host health', needs: 'unlocked', component: HostView },
   { id: 'audit', label: 'Audit', needs: 'unlocked', component: AuditView },
 ];
 

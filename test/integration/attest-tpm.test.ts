@@ -165,6 +165,11 @@ test('CLI: register, baseline, allow-list, attest (tpm) → release allowed; eac
   const ci = await cliFails([...H, 'host', 'attest', '--mode', 'tpm'], 'attestation_failed');
   assert.match(ci.error.message, new RegExp(`CodeIntegrityPolicy.*${qemu.replace(/[/.]/g, '\\$&')} changed`, 's'));
   writeFileSync(qemu, 'qemu 8.2 stand-in');
+  // That refusal withdrew the tpm certificate issued before: no more releases on its strength.
+  assert.equal((await cliOk<Json>([...H, 'host', 'status'])).certificate, null);
+  const withdrawn = await cliJson<Json>([...H, 'kp', 'release', kp, '--check']);
+  assert.deepEqual([withdrawn.body.allowed, withdrawn.body.reasons[0].code], [false, 'NoHealthCertificate']);
+  await cliOk([...H, 'host', 'attest', '--mode', 'tpm']);
 
   // Another TPM than the registered one.
   const other = await booted(t);
@@ -225,7 +230,10 @@ test('CLI: register, baseline, allow-list, attest (tpm) → release allowed; eac
     'host.policy-add-binary:ok',
     'host.attest:ok',
     'host.attest:refused:CodeIntegrityPolicy',
+    'host.certificate-withdrawn:ok',
+    'host.attest:ok',
     'host.attest:refused:UnauthorizedHost',
+    'host.certificate-withdrawn:ok',
     'host.attest:refused:TpmUnavailable',
     'host.attest:refused:SecureBootSettings',
     'host.attest:refused:TcgLogVerification,SecureBootSettings',
