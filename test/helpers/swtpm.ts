@@ -94,7 +94,9 @@ export async function startSwtpm(t: TestContext | null, start: SwtpmStart = 'sta
         if (child.exitCode === null && child.signalCode === null) {
           const gone = new Promise((r) => child.once('exit', r));
           child.kill('SIGTERM');
-          await Promise.race([gone, new Promise((r) => setTimeout(r, 3000))]);
+          let timer: NodeJS.Timeout | undefined;
+          await Promise.race([gone, new Promise((r) => (timer = setTimeout(r, 3000)))]);
+          clearTimeout(timer); // a pending timer would keep the test process alive for 3 s
           if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
         }
         cleanup();
