@@ -3,7 +3,9 @@
 // re-learn the baseline, and gather evidence for a fresh-nonce quote that tpm-verify.ts checks.
 // State lives in the vault (record 'attestation'/'tpm-host'); the AK's private blob is wrapped by
 // the TPM to its SRK (no secret to us) but stays in the vault all the same. The SRK is recreated
-// from its template on each use and every object is flushed (libtpms keeps ~3 transient objects).
+// from its template when the AK must be loaded from its blobs, and every object is flushed after
+// use (libtpms keeps ~3 transient objects); within one process the loaded AK's saved context is
+// reused instead (see akContexts), which spares the two CreatePrimary commands per attestation.
 import { X509Certificate, createHash, randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
 import { ShieldError } from '../errors.ts';
@@ -22,6 +24,7 @@ import {
   srkTemplate,
   writeSignature,
   type PublicArea,
+  type TpmsContext,
 } from '../tpm/mod.ts';
 import {
   DEFAULT_EVENT_LOG,
@@ -247,6 +250,16 @@ async function register(vault: Vault, opts: RegisterOptions): Promise<TpmHostSta
 
 // ---- evidence (host side) -----------------------------------------------------------------------
 
+/** Runs `fn` with a loaded AK's handle; whoever provides it flushes it. */
+type WithAk = <T>(fn: (handle: number) => Promise<T>) => Promise<T>;
+
+/** Loads the AK under a fresh SRK (CreatePrimary from the template, Load) for `fn`; flushes both. */
+function withAkUnderSrk<T>(tpm: Tpm, ak: { public: Buffer; private: Buffer }, fn: (handle: number) => Promise<T>): Promise<T> {
+  return tpm.withTransient(tpm.createPrimary(TPM_RH.OWNER, srkTemplate('ecc')), (srk) =>
+    tpm.withTransient(tpm.load(srk.handle, { outPrivate: ak.private, outPublic: publicArea(ak.public) }), (loaded) => fn(loaded.handle)),
+  );
+}
+
 /**
  * The host's answer to a nonce: loads the AK under a fresh SRK, quotes the SHA-256 PCRs with
  * qualifying data = SHA-256(nonce ‖ binaries digest), reads the PCR values (again if they moved
@@ -257,20 +270,22 @@ export async function collectEvidence(
   ak: { public: Buffer; private: Buffer },
   opts: { nonce: Buffer; pcrs: readonly number[]; eventLogPath: string; binaries: readonly string[] },
 ): Promise<TpmEvidence> {
+  return gatherEvidence(tpm, (fn) => withAkUnderSrk(tpm, ak, fn), opts);
+}
+
+async function gatherEvidence(tpm: Tpm, withAk: WithAk, opts: { nonce: Buffer; pcrs: readonly number[]; eventLogPath: string; binaries: readonly string[] }): Promise<TpmEvidence> {
   const binaries = measureBinaries(opts.binaries);
   const sel = [{ hash: TPM_ALG.SHA256, pcrs: [...opts.pcrs] }];
-  const quoted = await tpm.withTransient(tpm.createPrimary(TPM_RH.OWNER, srkTemplate('ecc')), (srk) =>
-    tpm.withTransient(tpm.load(srk.handle, { outPrivate: ak.private, outPublic: publicArea(ak.public) }), async (loaded) => {
-      for (let attempt = 0; ; attempt++) {
-        const q = await tpm.quote(loaded.handle, { nonce: qualifyingData(opts.nonce, binaries), pcrs: sel });
-        const { values } = await tpm.pcrRead(sel);
-        const digest = createHash('sha256');
-        for (const v of values) digest.update(v.digest);
-        // A PCR extended between the quote and the read (Keylime #585): quote again.
-        if (digest.digest().equals(q.attest.quote?.pcrDigest ?? Buffer.alloc(0)) || attempt >= 2) return { q, values };
-      }
-    }),
-  );
+  const quoted = await withAk(async (handle) => {
+    for (let attempt = 0; ; attempt++) {
+      const q = await tpm.quote(handle, { nonce: qualifyingData(opts.nonce, binaries), pcrs: sel });
+      const { values } = await tpm.pcrRead(sel);
+      const digest = createHash('sha256');
+      for (const v of values) digest.update(v.digest);
+      // A PCR extended between the quote and the read (Keylime #585): quote again.
+      if (digest.digest().equals(q.attest.quote?.pcrDigest ?? Buffer.alloc(0)) || attempt >= 2) return { q, values };
+    }
+  });
   let eventLog: Buffer | null = null;
   let eventLogError: string | undefined;
   try {
@@ -286,6 +301,48 @@ export async function collectEvidence(
     ...(eventLogError !== undefined ? { eventLogError } : {}),
     binaries,
   };
+}
+
+/**
+ * The loaded AK's saved context (TPM2_ContextSave), per TPM address and registered AK, for the life
+ * of the process (the app, `disk serve`). Loading the AK from its blobs needs the SRK re-created,
+ * and checking the EK needs the EK re-created: two CreatePrimary commands per attestation, and the
+ * RSA EK's is a prime search that costs libtpms ~60–250 ms, most of an attestation. A saved context
+ * loads in one command, and only into the TPM that saved it: it is sealed with that TPM's
+ * hierarchy proof, and a TPM reset or TPM2_Clear invalidates it. One that loads is therefore the
+ * TPM whose EK was compared with the registered one when the context was saved, and the EK is not
+ * re-created; the quote's signature by the registered AK is what the verifier relies on either
+ * way (an EK public is public: the comparison names another TPM, it proves nothing). Nothing stays
+ * loaded between attestations: the object is flushed after its quote, as before. A context that
+ * does not load is dropped and the full path (EK comparison, SRK, Load) runs and saves a new one.
+ */
+const akContexts = new Map<string, TpmsContext>();
+
+function akContextKey(address: string, state: TpmHostState): string {
+  return createHash('sha256').update(`${address}\0${state.hostId}\0${state.ak.public}\0${state.ak.private}`).digest('hex');
+}
+
+/** Saves the loaded AK's context for the next session; a TPM that refuses only costs the speed-up. */
+async function saveAkContext(tpm: Tpm, key: string, handle: number): Promise<void> {
+  try {
+    akContexts.set(key, await tpm.contextSave(handle));
+  } catch (err) {
+    if (!(err instanceof ShieldError) || err.code !== 'tpm_error') throw err;
+    akContexts.delete(key);
+  }
+}
+
+/** The AK from its saved context, or null when there is none or it no longer loads (then forgotten). */
+async function loadSavedAk(tpm: Tpm, key: string): Promise<number | null> {
+  const saved = akContexts.get(key);
+  if (!saved) return null;
+  try {
+    return await tpm.contextLoad(saved);
+  } catch (err) {
+    if (!(err instanceof ShieldError) || err.code !== 'tpm_error') throw err;
+    akContexts.delete(key);
+    return null;
+  }
 }
 
 // ---- flows --------------------------------------------------------------------------------------
@@ -311,14 +368,30 @@ async function session(state: TpmHostState, opts: SessionOptions & { pcrs: reado
   const address = opts.address ?? state.address;
   const eventLogPath = opts.eventLog ?? state.baseline?.eventLogPath ?? DEFAULT_EVENT_LOG;
   return withTpm(address, async (tpm) => {
+    const key = akContextKey(address, state);
+    const saved = await loadSavedAk(tpm, key);
+    const nonce = randomBytes(32);
+    const evidenceOpts = { nonce, pcrs: opts.pcrs, eventLogPath, binaries: opts.binaries };
+    let evidence: TpmEvidence;
+    if (saved !== null) {
+      evidence = await tpm.withTransient(saved, () => gatherEvidence(tpm, (fn) => fn(saved), evidenceOpts));
+      return opts.verify(evidence, nonce);
+    }
     const ek = await ekPublicOf(tpm);
     if (hostIdOfEk(ek) !== state.hostId) {
       throw refusal([{ reason: 'UnauthorizedHost', message: `The TPM at ${address} is not the registered one (its EK differs from ${state.hostId.slice(0, 16)}…).` }]);
     }
-    const nonce = randomBytes(32);
-    let evidence: TpmEvidence;
+    const ak = { public: Buffer.from(state.ak.public, 'base64'), private: Buffer.from(state.ak.private, 'base64') };
     try {
-      evidence = await collectEvidence(tpm, { public: Buffer.from(state.ak.public, 'base64'), private: Buffer.from(state.ak.private, 'base64') }, { nonce, pcrs: opts.pcrs, eventLogPath, binaries: opts.binaries });
+      evidence = await gatherEvidence(
+        tpm,
+        (fn) =>
+          withAkUnderSrk(tpm, ak, async (handle) => {
+            await saveAkContext(tpm, key, handle);
+            return fn(handle);
+          }),
+        evidenceOpts,
+      );
     } catch (err) {
       if (err instanceof ShieldError && err.code === 'tpm_error' && /TPM2_Load/.test(err.message)) {
         throw refusal([{ reason: 'UnauthorizedHost', message: `The registered AK cannot be loaded in the TPM at ${address}: it is not the TPM it was made in.` }]);

@@ -100,8 +100,8 @@ export class GuardianStore {
   }
 
   /** The guardian's private keys as KeyObjects, for key release. Never expose them over the API. */
-  privateKeys(name: string): GuardianPrivateKeys {
-    const r = this.readRecord(name);
+  privateKeys(name: string, opts: { audit?: boolean } = {}): GuardianPrivateKeys {
+    const r = this.readRecord(name, opts);
     if (!r.signingKeyPem || !r.encryptionKeyPem) {
       throw new ShieldError('guardian_no_private_key', `Guardian "${name}" is held here by its certificates only; its private keys are on the machine it came from.`, {
         details: { name },
@@ -122,8 +122,9 @@ export class GuardianStore {
       .map((g) => ({ name: g.name, encryptionThumbprint: g.encryption.thumbprint }));
   }
 
+  /** For key release only: the release is audited itself (kp.release), so this read is not again. */
   encryptionKey(name: string): KeyObject {
-    return this.privateKeys(name).encryptionKey;
+    return this.privateKeys(name, { audit: false }).encryptionKey;
   }
 
   // ---- creating and importing ------------------------------------------------------------------
@@ -220,8 +221,8 @@ export class GuardianStore {
   }
 
   /** Reads (audited) and decodes a record, keys included. */
-  private readRecord(name: string): GuardianRecord {
-    const data = Buffer.from(this.vault.getRecord(KIND, name).data, 'base64');
+  private readRecord(name: string, opts: { audit?: boolean } = {}): GuardianRecord {
+    const data = Buffer.from(this.vault.getRecord(KIND, name, opts).data, 'base64');
     try {
       return decodeRecord(data, name);
     } finally {
