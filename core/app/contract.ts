@@ -169,6 +169,56 @@ const tpmArgs = {
   eventLog: path.optional().describe('TCG event log file (default: the baseline’s, else /sys/kernel/security/tpm0/binary_bios_measurements)'),
 };
 
+const AdMembership = z.object({ groupSid: z.string(), groupName: z.string(), path: z.array(z.string()) });
+
+/** AD-group mode's configuration as shown (never the bind password). */
+export const AdInfo = z.object({
+  urls: z.array(z.string()),
+  tlsNames: z.array(z.string()),
+  caSubject: z.string(),
+  startTls: z.boolean(),
+  allowPlainLdap: z.boolean(),
+  bindDn: z.string(),
+  computer: z.string(),
+  groups: z.array(z.object({ sid: z.string(), name: z.string().nullable() })),
+  validityHours: z.number(),
+  timeoutMs: z.number(),
+  configuredAt: z.string(),
+  hostId: z.string().nullable(),
+  lastAttestation: z.object({ at: z.string(), dc: z.string(), computerDn: z.string(), computerSid: z.string(), membership: AdMembership }).nullable(),
+  lastRefusal: z.object({ at: z.string(), reason: z.string(), message: z.string() }).nullable(),
+});
+
+export const AdStep = z.object({ dc: z.string(), step: z.enum(['connect', 'tls', 'bind', 'computer', 'enabled', 'membership']), ok: z.boolean(), detail: z.string(), ms: z.number() });
+
+export const AdTestReport = z.object({
+  ok: z.boolean(),
+  reason: z.string().nullable(),
+  message: z.string(),
+  dc: z.string().nullable(),
+  steps: z.array(AdStep),
+  computer: z.object({ dn: z.string(), sid: z.string() }).nullable(),
+  membership: AdMembership.nullable(),
+  failedDcs: z.array(z.object({ dc: z.string(), reason: z.string(), error: z.string() })),
+});
+
+/** The AD-group configuration fields: configure stores them; test may try them unsaved. A field left out keeps its stored value. */
+const adArgs = {
+  url: z.array(z.string().min(1).max(500)).max(8).default([]).describe('domain controller: ldaps://dc:636, or ldap://dc:389 with --starttls; repeat for several DCs, tried in turn'),
+  caFile: path.optional().describe('the DC’s CA certificate (PEM), pinned: no other CA is trusted'),
+  caPem: z.string().min(1).max(64 * 1024).optional().describe('the CA certificate as PEM text, instead of --ca-file'),
+  tlsName: z.array(z.string().min(1).max(253)).max(8).default([]).describe('the DC’s name in its TLS certificate: one for every DC or one per --url (default: the URL’s host)'),
+  bindDn: z.string().min(1).max(1000).optional().describe('service account to bind as (DN, or user@realm)'),
+  password: secretText().optional().describe('the service account’s password (kept in the vault only)'),
+  groupSid: z.array(z.string().regex(/^S-1-5-21-\d+-\d+-\d+-\d+$/, 'a domain group SID: S-1-5-21-…')).max(32).default([]).describe('approved security group, by objectSid'),
+  group: z.array(name).max(32).default([]).describe('approved group by name, resolved to its SID on the DC now'),
+  computer: z.string().min(1).max(20).optional().describe('this host’s computer account, NAME$ (default: this machine’s name + $)'),
+  starttls: z.boolean().optional().describe('ldap:// URLs: StartTLS before binding'),
+  allowPlainLdap: z.boolean().optional().describe('allow ldap:// without TLS (a lab only: the password crosses the network in clear)'),
+  validityHours: z.coerce.number().int().min(1).max(168).optional().describe('health certificate validity (default 8)'),
+  timeoutSeconds: z.coerce.number().min(0.5).max(60).optional().describe('connect and operation timeout per DC (default 5)'),
+};
+
 export const HostStatus = z.object({
   hostName: z.string(),
   hostId: z.string().nullable(),
@@ -180,6 +230,7 @@ export const HostStatus = z.object({
     .object({ mode: AttestationMode, hostId: z.string(), hostName: z.string(), issuedAt: z.string(), expiresAt: z.string(), serial: z.string(), valid: z.boolean(), problem: z.string().nullable() })
     .nullable(),
   tpm: TpmHostInfo.nullable(),
+  ad: AdInfo.nullable(),
 });
 
 
@@ -596,7 +647,7 @@ export const contract = {
     needs: 'unlocked',
   }),
   'host.attest': method({
-    summary: 'Attest this host and get a health certificate (default 8 h); tpm mode quotes the registered TPM',
+    summary: 'Attest this host and get a health certificate (default 8 h); tpm mode quotes the registered TPM, ad-group asks the configured DCs',
     cli: { path: ['host', 'attest'] },
     args: z.object({ mode: AttestationMode.default('host-key').describe('attestation mode'), ...tpmArgs }),
     result: HostStatus,
@@ -612,6 +663,27 @@ export const contract = {
       yes: z.boolean().default(false).describe('replace a registration of another TPM (its baseline goes with it)'),
     }),
     result: HostStatus,
+    needs: 'unlocked',
+  }),
+  'host.adConfigure': method({
+    summary: 'Configure ad-group attestation (identity only, weaker than tpm mode): DCs, pinned CA, service account, approved group SIDs',
+    cli: { path: ['host', 'ad', 'configure'] },
+    args: z.object(adArgs),
+    result: AdInfo.extend({ warning: z.string().nullable() }),
+    needs: 'unlocked',
+  }),
+  'host.adTest': method({
+    summary: 'Check the AD configuration step by step (connect, TLS, bind, computer, enabled, membership path) without attesting (exit 1 on a refusal)',
+    cli: { path: ['host', 'ad', 'test'] },
+    args: z.object(adArgs),
+    result: AdTestReport,
+    needs: 'unlocked',
+  }),
+  'host.adShow': method({
+    summary: 'The ad-group configuration (never the password) and the last attestation',
+    cli: { path: ['host', 'ad', 'show'] },
+    args: z.object({}),
+    result: AdInfo,
     needs: 'unlocked',
   }),
   'host.baselineCapture': method({

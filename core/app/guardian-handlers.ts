@@ -20,6 +20,7 @@ import { checkRelease, type GuardianDirectory } from '../guardian/release.ts';
 import { AttestationService } from '../attestation/service.ts';
 import { addBinary, loadPolicy, removeBinary, sha256File, type CodeIntegrityPolicy } from '../attestation/baseline.ts';
 import { captureBaseline, diffBaseline, showBaseline } from '../attestation/tpm-mode.ts';
+import { adInfo, type AdConfigInput } from '../attestation/ad-mode.ts';
 import type { GuardianInfo, KpInfo, MethodName, ParsedArgs, Result } from './contract.ts';
 
 type Handler<M extends MethodName> = (args: ParsedArgs<M>) => Promise<Result<M>>;
@@ -147,6 +148,30 @@ function policyNow(policy: CodeIntegrityPolicy): Result<'host.policyShow'> {
       return { ...b, current: now === null ? ('missing' as const) : now === b.sha256 ? ('ok' as const) : ('changed' as const) };
     }),
   };
+}
+
+/** The AD configuration arguments as the domain takes them (the CA file read here). */
+function adInput(args: ParsedArgs<'host.adConfigure'>): AdConfigInput {
+  if (args.caFile !== undefined && args.caPem !== undefined) throw new ShieldError('usage', 'Give the CA once: --ca-file F or --ca-pem PEM.');
+  const caPem = args.caFile !== undefined ? readInput(args.caFile, 'CA certificate').toString('utf8') : args.caPem;
+  return {
+    urls: args.url,
+    tlsNames: args.tlsName,
+    caPem,
+    startTls: args.starttls,
+    allowPlainLdap: args.allowPlainLdap,
+    bindDn: args.bindDn,
+    bindPassword: args.password,
+    computer: args.computer,
+    groupSids: args.groupSid,
+    groupNames: args.group,
+    validityHours: args.validityHours,
+    timeoutMs: args.timeoutSeconds === undefined ? undefined : Math.round(args.timeoutSeconds * 1000),
+  };
+}
+
+function anyAdArg(args: ParsedArgs<'host.adConfigure'>): boolean {
+  return Object.values(args).some((v) => (Array.isArray(v) ? v.length > 0 : v !== undefined));
 }
 
 export function guardianHandlers(vault: () => Vault): { [M in GuardianMethods]: Handler<M> } {
@@ -303,6 +328,10 @@ export function guardianHandlers(vault: () => Vault): { [M in GuardianMethods]: 
         return a.status();
       }
       if (args.tpm !== undefined || args.eventLog !== undefined) throw new ShieldError('usage', '--tpm and --event-log apply to --mode tpm only.');
+      if (args.mode === 'ad-group') {
+        await a.attestAdGroup();
+        return a.status();
+      }
       if (args.mode !== 'host-key') {
         vault().record({ action: 'host.attest', outcome: 'refused', subject: args.mode, reason: 'ModeUnavailable' });
         throw new ShieldError('attestation_failed', `${args.mode} attestation is not available in this version; use --mode tpm or --mode host-key.`, { details: { reason: 'ModeUnavailable' } });
@@ -318,9 +347,22 @@ export function guardianHandlers(vault: () => Vault): { [M in GuardianMethods]: 
       } else if (args.mode === 'tpm') {
         await a.registerTpm({ ...(args.tpm ? { address: args.tpm } : {}), ...(args.name ? { name: args.name } : {}), replace: args.yes });
       } else {
-        throw new ShieldError('invalid_argument', `${args.mode} registration is not available in this version; use --mode tpm or --mode host-key.`);
+        throw new ShieldError('invalid_argument', 'ad-group mode has no registration: configure it with `shieldlab host ad configure` (DCs, pinned CA, service account, approved group SIDs).');
       }
       return a.status();
+    },
+    'host.adConfigure': async (args) => {
+      const { info, warning } = await attestation().configureAd(adInput(args));
+      return { ...info, warning };
+    },
+    'host.adTest': async (args) => {
+      if (args.group.length > 0) throw new ShieldError('usage', '--group is resolved by `host ad configure`; test with --group-sid.');
+      return attestation().testAd(anyAdArg(args) ? adInput(args) : null);
+    },
+    'host.adShow': async () => {
+      const info = adInfo(vault());
+      if (!info) throw new ShieldError('not_found', 'AD-group mode is not configured: run `shieldlab host ad configure` first.');
+      return info;
     },
     'host.baselineCapture': async (args) => {
       const a = attestation();

@@ -7,6 +7,7 @@ import type { Vault } from '../vault/mod.ts';
 import { ShieldError } from '../errors.ts';
 import { issueHealthCertificate, verifyHealthCertificate, type HealthCertificate, type HealthClaims } from './health-certificate.ts';
 import type { AttestationMode } from './modes.ts';
+import { adHostId, adInfo, attestAdHost, configureAd, testAd, type AdConfigInput, type AdInfo, type AdStep, type AdTestReport } from './ad-mode.ts';
 import { DEFAULT_TPM_ADDRESS, attestTpmHost, loadTpmHost, registerTpmHost, tpmHostId, tpmHostInfo, type SessionOptions, type TpmHostInfo } from './tpm-mode.ts';
 
 export const DEFAULT_VALIDITY_HOURS = 8;
@@ -42,6 +43,8 @@ export interface HostStatus {
   certificate: (HealthClaims & { valid: boolean; problem: string | null }) | null;
   /** The registered TPM host (tpm mode), or null. */
   tpm: TpmHostInfo | null;
+  /** The AD-group configuration (ad-group mode, no password), or null. */
+  ad: AdInfo | null;
 }
 
 /** A host's identity: SHA-256 of its public key (SPKI DER), hex. */
@@ -205,13 +208,51 @@ export class AttestationService {
     return this.verify(encoded);
   }
 
+  /** Stores the AD-group configuration (the password only in the vault); audited. */
+  async configureAd(input: AdConfigInput): Promise<{ info: AdInfo; warning: string | null }> {
+    const r = await configureAd(this.vault, input, this.now());
+    this.vault.record({ action: 'host.ad-configure', outcome: 'ok', subject: `${r.info.computer} ${r.info.groups.map((g) => g.sid).join(',')} via ${r.info.urls.join(',')}` });
+    return r;
+  }
+
+  /** Every step against the DCs (TLS, bind, computer, enabled, membership), without attesting. */
+  testAd(input: AdConfigInput | null = null, opts: { onStep?: (s: AdStep) => void } = {}): Promise<AdTestReport> {
+    return testAd(this.vault, input, { ...opts, now: this.now() });
+  }
+
+  /**
+   * AD-group mode: the computer account is enabled and (transitively) in an approved group, by
+   * the word of the first DC that answers. Identity only, weaker than tpm mode. Audited.
+   */
+  async attestAdGroup(): Promise<HealthCertificate> {
+    const mode: AttestationMode = 'ad-group';
+    let host;
+    try {
+      host = await attestAdHost(this.vault, { now: this.now() });
+    } catch (err) {
+      const e = err instanceof ShieldError ? err : null;
+      const reason = String(e?.details?.reason ?? e?.code ?? 'internal');
+      this.vault.record({ action: 'host.attest', outcome: 'refused', subject: mode, reason });
+      // The directory's own answer says no: an earlier ad-group certificate stops releasing keys.
+      // A DC that cannot be reached (or trusted, or bound to) proves nothing: that one stands until it expires.
+      if (reason === 'NotAMember' || reason === 'ComputerDisabled' || reason === 'ComputerNotFound') this.withdrawCurrent(mode, [reason]);
+      throw err;
+    }
+    const state = this.state();
+    const { encoded } = issueHealthCertificate(this.signingKey(state), { hostId: host.hostId, hostName: host.name, mode, now: this.now(), validityHours: host.validityHours });
+    state.current = encoded;
+    this.save(state);
+    this.vault.record({ action: 'host.attest', outcome: 'ok', subject: mode });
+    return this.verify(encoded);
+  }
+
   /**
    * Checks a certificate against this service's key, the revocation date and this host's ids: its
-   * host key's, or its registered TPM's (tpm mode).
+   * host key's, its registered TPM's (tpm mode), or its computer account's (ad-group mode).
    */
   verify(encoded: string): HealthCertificate {
     const state = this.state();
-    const ids = [this.hostId(), tpmHostId(this.vault)].filter((id): id is string => id !== null);
+    const ids = [this.hostId(), tpmHostId(this.vault), adHostId(this.vault)].filter((id): id is string => id !== null);
     return verifyHealthCertificate(encoded, {
       issuerKey: createPublicKey(this.signingKey(state)),
       now: this.now(),
@@ -267,6 +308,7 @@ export class AttestationService {
       revokedBefore: state.revokedBefore ?? null,
       certificate,
       tpm: tpmHostInfo(this.vault),
+      ad: adInfo(this.vault),
     };
   }
 }

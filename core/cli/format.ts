@@ -138,6 +138,11 @@ export function formatHuman(method: MethodName, result: unknown): string {
     case 'host.register':
     case 'host.revokeCertificates':
       return formatHostStatus(r);
+    case 'host.adTest':
+      return formatAdTest(r);
+    case 'host.adConfigure':
+    case 'host.adShow':
+      return `${formatAdInfo(r)}${r.warning ? `Warning: ${String(r.warning)}\n` : ''}`;
     case 'host.baselineCapture':
     case 'host.baselineShow': {
       const values = r.values as Record<string, string>;
@@ -180,9 +185,56 @@ function formatHostStatus(r: Row): string {
           `  code-integrity allow-list: ${String(tpm.binaries)} binar${tpm.binaries === 1 ? 'y' : 'ies'}`,
         ]
       : []),
+    ...(r.ad ? [`  Active Directory (ad-group): ${adSummary(r.ad as Row)}`] : []),
     `  health certificate: ${cert ? `${String(cert.mode)}, issued ${String(cert.issuedAt)}, expires ${String(cert.expiresAt)}, ${cert.valid ? 'valid' : `NOT valid (${String(cert.problem)})`}` : 'none'}`,
     '',
   ].join('\n');
+}
+
+const AD_CAVEAT = 'ad-group mode proves identity only (the computer account is in an approved AD group), not the host’s health: it is weaker than tpm mode.';
+
+function adSummary(a: Row): string {
+  const last = a.lastAttestation as (Row & { membership: Row }) | null;
+  const refusal = a.lastRefusal as Row | null;
+  return [
+    `${String(a.computer)} in ${(a.groups as Row[]).map((g) => (g.name ? `${String(g.name)} (${String(g.sid)})` : String(g.sid))).join(' or ')}`,
+    `via ${(a.urls as string[]).join(', ')}`,
+    last ? `last attested ${String(last.at)} by ${String(last.dc)} through ${(last.membership.path as string[]).join(' → ')}` : 'never attested',
+    ...(refusal ? [`last refused ${String(refusal.at)}: ${String(refusal.reason)}`] : []),
+  ].join('; ');
+}
+
+function formatAdInfo(a: Row): string {
+  const last = a.lastAttestation as (Row & { membership: Row }) | null;
+  const refusal = a.lastRefusal as Row | null;
+  const names = a.tlsNames as string[];
+  return [
+    'Active Directory (ad-group mode)',
+    `  ${AD_CAVEAT}`,
+    ...(a.urls as string[]).map((u, i) => `  DC ${i + 1}: ${u}${a.startTls ? ' + StartTLS' : ''}${names.length ? `, TLS name ${names.length === 1 ? names[0] : names[i]}` : ''}`),
+    ...(a.allowPlainLdap ? ['  plain LDAP ALLOWED (lab only)'] : []),
+    `  pinned CA: ${String(a.caSubject)}`,
+    `  service account: ${String(a.bindDn)} (password in the vault)`,
+    `  computer account: ${String(a.computer)}`,
+    ...(a.groups as Row[]).map((g) => `  approved group: ${String(g.sid)}${g.name ? ` (${String(g.name)} when registered)` : ''}`),
+    `  certificate validity: ${String(a.validityHours)} h; timeout per DC: ${Number(a.timeoutMs) / 1000} s`,
+    `  last attestation: ${last ? `${String(last.at)} by ${String(last.dc)}: ${String(last.computerDn)} → ${(last.membership.path as string[]).join(' → ')}` : 'none'}`,
+    ...(refusal ? [`  last refusal: ${String(refusal.at)}: ${String(refusal.reason)}: ${String(refusal.message)}`] : []),
+    '',
+  ].join('\n');
+}
+
+function formatAdTest(r: Row): string {
+  const steps = r.steps as { dc: string; step: string; ok: boolean; detail: string; ms: number }[];
+  const out: string[] = [];
+  let dc = '';
+  for (const s of steps) {
+    if (s.dc !== dc) out.push(`${(dc = s.dc)}`);
+    out.push(`  ${s.ok ? '✓' : '✗'} ${s.step.padEnd(10)} ${s.detail} (${s.ms} ms)`);
+  }
+  out.push(r.ok ? `OK: ${String(r.message)}${r.dc ? ` (answered by ${String(r.dc)})` : ''}` : `REFUSED (${String(r.reason)}): ${String(r.message)}`);
+  out.push(AD_CAVEAT, '');
+  return out.join('\n');
 }
 
 interface CheckReportOut {
@@ -243,6 +295,7 @@ export function exitStatusFor(method: MethodName, result: unknown): number {
   }
   if (method === 'kp.release' && !(result as { allowed: boolean }).allowed) return 1;
   if (method === 'host.baselineDiff' && !(result as { matches: boolean }).matches) return 1;
+  if (method === 'host.adTest' && !(result as { ok: boolean }).ok) return 1;
   if (method === 'vault.audit') {
     const v = (result as { verification?: { ok: boolean } }).verification;
     if (v && !v.ok) return 1;

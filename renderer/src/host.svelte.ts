@@ -2,7 +2,7 @@
 // same status the Key protectors page shows), the PCRs against the baseline, the code-integrity
 // allow-list, and the deliberate steps — attest, register the TPM, capture or re-learn the
 // baseline (re-learning only after the diff was shown and confirmed). Plus the words the page uses.
-import type { Result } from '../../core/app/contract.ts';
+import type { Args, Result } from '../../core/app/contract.ts';
 import { BridgeError, describeError } from './bridge.ts';
 import { formatTime, session } from './session.svelte.ts';
 import { host } from './shield.svelte.ts';
@@ -12,6 +12,21 @@ export type Certificate = NonNullable<HostStatus['certificate']>;
 export type BaselineDiff = Result<'host.baselineDiff'>;
 export type BaselineReport = Result<'host.baselineCapture'>;
 export type Binary = Result<'host.policyShow'>['binaries'][number];
+export type AdInfo = NonNullable<HostStatus['ad']>;
+export type AdTestReport = Result<'host.adTest'>;
+
+/** The AD-group form as typed: lists one item a line; an empty field keeps what is stored. */
+export interface AdForm {
+  urls: string;
+  caPem: string;
+  caFile: string;
+  tlsName: string;
+  bindDn: string;
+  password: string;
+  computer: string;
+  groupSids: string;
+  starttls: boolean;
+}
 
 /** One reason a step was refused: its name (HGS's sub-status) and the words for it. */
 export interface Reason {
@@ -59,10 +74,16 @@ class HostHealth {
     return host.status;
   }
 
-  /** The mode "Attest now" uses: tpm once a TPM is registered, else host-key. */
-  get attestMode(): 'tpm' | 'host-key' {
-    return this.status?.tpm ? 'tpm' : 'host-key';
+  /** The mode "Attest now" uses: tpm once a TPM is registered, else host-key, else ad-group when configured. */
+  get attestMode(): 'tpm' | 'host-key' | 'ad-group' {
+    return this.status?.tpm ? 'tpm' : !this.status?.hostKeyRegistered && this.status?.ad ? 'ad-group' : 'host-key';
   }
+
+  /** AD-group section: a test or a save is running, and the last test's steps. */
+  adBusy = $state<'testing' | 'saving' | 'attesting' | null>(null);
+  adReport = $state<AdTestReport | null>(null);
+  adDone = $state<string | null>(null);
+  adRefusal = $state<Refusal | null>(null);
 
   /** Everything again: status, then the PCRs (a fresh quote) and the allow-list. */
   async load(): Promise<void> {
@@ -70,6 +91,48 @@ class HostHealth {
       await this.readStatus();
       await Promise.all([this.readDiff(), this.readPolicy()]);
     });
+  }
+
+  /** Test connection: every step against the DCs, with the form's values over the stored ones. Nothing is saved. */
+  async adTest(form: AdForm): Promise<void> {
+    await this.adWork('testing', async () => {
+      this.adReport = await session.call('host.adTest', adArgs(form));
+    }, 'The test could not run');
+  }
+
+  /** Save: stores the configuration (the password in the vault), then reads the status again. */
+  async adSave(form: AdForm): Promise<boolean> {
+    let ok = false;
+    await this.adWork('saving', async () => {
+      const r = await session.call('host.adConfigure', adArgs(form));
+      this.adDone = `Saved: ${r.computer} must be in ${r.groups.map((g) => g.name ?? g.sid).join(' or ')}.${r.warning ? ` ${r.warning}` : ''}`;
+      await this.readStatus();
+      ok = true;
+    }, 'Not saved');
+    return ok;
+  }
+
+  async adAttest(): Promise<void> {
+    await this.adWork('attesting', async () => {
+      host.status = await session.call('host.attest', { mode: 'ad-group' });
+      const c = host.status.certificate;
+      this.adDone = c ? `Attested (ad-group): a health certificate valid until ${formatTime(c.expiresAt)}.` : 'Attested (ad-group).';
+    }, 'Attestation refused (ad-group)');
+    await this.readStatus();
+  }
+
+  private async adWork(busy: NonNullable<HostHealth['adBusy']>, work: () => Promise<void>, what: string): Promise<void> {
+    this.adBusy = busy;
+    this.adDone = null;
+    this.adRefusal = null;
+    if (busy !== 'attesting') this.adReport = null;
+    try {
+      await work();
+    } catch (err) {
+      this.adRefusal = refusalOf(err, what);
+    } finally {
+      this.adBusy = null;
+    }
   }
 
   async attest(): Promise<void> {
@@ -242,6 +305,45 @@ class HostHealth {
 
 export const health = new HostHealth();
 
+function lines(text: string): string[] {
+  return text.split(/[\n,]/).map((x) => x.trim()).filter((x) => x.length > 0);
+}
+
+/** The form as host.adConfigure / host.adTest arguments: empty fields are left out (the stored value stays). */
+export function adArgs(f: AdForm): Args<'host.adConfigure'> {
+  const opt = (v: string) => (v.trim() ? v.trim() : undefined);
+  const computer = opt(f.computer);
+  const caPem = opt(f.caPem);
+  const caFile = caPem ? undefined : opt(f.caFile);
+  const bindDn = opt(f.bindDn);
+  return {
+    url: lines(f.urls),
+    tlsName: lines(f.tlsName),
+    groupSid: lines(f.groupSids),
+    starttls: f.starttls,
+    ...(caPem ? { caPem } : {}),
+    ...(caFile ? { caFile } : {}),
+    ...(bindDn ? { bindDn } : {}),
+    ...(f.password ? { password: f.password } : {}),
+    ...(computer ? { computer } : {}),
+  };
+}
+
+/** The form filled from the stored configuration (never the password). */
+export function adFormOf(ad: AdInfo | null): AdForm {
+  return {
+    urls: ad?.urls.join('\n') ?? '',
+    caPem: '',
+    caFile: '',
+    tlsName: ad?.tlsNames.join('\n') ?? '',
+    bindDn: ad?.bindDn ?? '',
+    password: '',
+    computer: ad?.computer ?? '',
+    groupSids: ad?.groups.map((g) => g.sid).join('\n') ?? '',
+    starttls: ad?.startTls ?? false,
+  };
+}
+
 // ---- words -------------------------------------------------------------------------------------
 
 /** The refusal reasons (HGS sub-statuses) in words, for lists that carry only the name. */
@@ -259,6 +361,13 @@ export const REASONS: Record<string, string> = {
   ClockRollback: 'The TPM’s clock or boot counters went back since the last attestation.',
   Expired: 'The health certificate has expired.',
   Revoked: 'The health certificate was revoked.',
+  DcUnreachable: 'No domain controller answered (each one was tried).',
+  TlsUntrusted: 'The DC’s TLS certificate does not chain to the pinned CA, or is not for the expected name.',
+  BindFailed: 'The DC refused the service account’s credentials.',
+  ComputerNotFound: 'The directory has no such computer account.',
+  ComputerDisabled: 'The computer account is disabled.',
+  NotAMember: 'The computer account is in none of the approved groups.',
+  PlainLdapRefused: 'Plain LDAP would send the password unprotected: use LDAPS or StartTLS.',
 };
 
 function isReason(v: unknown): v is Reason {
