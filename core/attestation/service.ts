@@ -8,7 +8,7 @@ import { ShieldError } from '../errors.ts';
 import { issueHealthCertificate, verifyHealthCertificate, type HealthCertificate, type HealthClaims } from './health-certificate.ts';
 import type { AttestationMode } from './modes.ts';
 import { adHostId, adInfo, attestAdHost, configureAd, testAd, type AdConfigInput, type AdInfo, type AdStep, type AdTestReport } from './ad-mode.ts';
-import { DEFAULT_TPM_ADDRESS, attestTpmHost, loadTpmHost, registerTpmHost, tpmHostId, tpmHostInfo, type SessionOptions, type TpmHostInfo } from './tpm-mode.ts';
+import { DEFAULT_TPM_ADDRESS, attestTpmHost, loadTpmHost, registerTpmHost, tpmHostId, tpmHostInfo, type SessionOptions, type TpmHostInfo, type TpmHostState } from './tpm-mode.ts';
 
 export const DEFAULT_VALIDITY_HOURS = 8;
 
@@ -187,9 +187,16 @@ export class AttestationService {
    */
   async attestTpm(opts: SessionOptions = {}): Promise<HealthCertificate> {
     const mode: AttestationMode = 'tpm';
-    let host;
+    let encoded = '';
+    const issue = (host: TpmHostState) => {
+      const state = this.state();
+      encoded = issueHealthCertificate(this.signingKey(state), { hostId: host.hostId, hostName: host.name, mode, now: this.now(), validityHours: state.validityHours }).encoded;
+      state.current = encoded;
+      this.save(state);
+      this.vault.record({ action: 'host.attest', outcome: 'ok', subject: mode });
+    };
     try {
-      host = await attestTpmHost(this.vault, { ...opts, now: this.now() });
+      await attestTpmHost(this.vault, { ...opts, now: this.now(), alongWith: issue });
     } catch (err) {
       const e = err instanceof ShieldError ? err : null;
       const reasons = (e?.details?.reasons as string[] | undefined) ?? [String(e?.details?.reason ?? (e?.code === 'tpm_unavailable' ? 'TpmUnavailable' : e?.code === 'tpm_error' ? 'TpmError' : (e?.code ?? 'internal')))];
@@ -200,11 +207,6 @@ export class AttestationService {
       if (e?.code === 'attestation_failed' && !reasons.includes('NotConfigured')) this.withdrawCurrent(mode, reasons);
       throw err;
     }
-    const state = this.state();
-    const { encoded } = issueHealthCertificate(this.signingKey(state), { hostId: host.hostId, hostName: host.name, mode, now: this.now(), validityHours: state.validityHours });
-    state.current = encoded;
-    this.save(state);
-    this.vault.record({ action: 'host.attest', outcome: 'ok', subject: mode });
     return this.verify(encoded);
   }
 

@@ -407,7 +407,7 @@ async function session(state: TpmHostState, opts: SessionOptions & { pcrs: reado
  * code integrity, clock. Returns the host on success (the caller issues the health certificate);
  * throws attestation_failed naming every reason.
  */
-export async function attestTpmHost(vault: Vault, opts: SessionOptions & { now: Date }): Promise<TpmHostState> {
+export async function attestTpmHost(vault: Vault, opts: SessionOptions & { now: Date; alongWith?: (host: TpmHostState) => void }): Promise<TpmHostState> {
   const state = loadTpmHost(vault);
   if (!state) throw refusal([{ reason: 'NotConfigured', message: 'No TPM is registered for this host: run `shieldlab host register --mode tpm [--tpm ADDR]` first.' }]);
   if (!state.baseline) throw refusal([{ reason: 'NotConfigured', message: 'No baseline yet: run `shieldlab host baseline capture` on a known-good boot first.' }]);
@@ -421,7 +421,11 @@ export async function attestTpmHost(vault: Vault, opts: SessionOptions & { now: 
   });
   if (!v.ok) throw refusal(v.problems, v.findings);
   const next: TpmHostState = { ...state, lastClock: v.clock, lastAttestedAt: opts.now.toISOString() };
-  saveTpmHost(vault, next);
+  // The new clock and what the caller records of this success (its certificate, audit) in one commit.
+  vault.atomically(() => {
+    saveTpmHost(vault, next);
+    opts.alongWith?.(next);
+  });
   return next;
 }
 

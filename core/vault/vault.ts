@@ -251,6 +251,18 @@ export class Vault {
     this.write(() => undefined, event);
   }
 
+  /**
+   * Runs several writes (each with its audit entry) as one transaction: one commit to disk instead
+   * of one each, and all of them land or none does. `fn` must be synchronous.
+   */
+  atomically<T>(fn: () => T): T {
+    try {
+      return this.db.transaction(fn).immediate();
+    } catch (err) {
+      throw toShieldError(err);
+    }
+  }
+
   /** Runs `fn` and its audit entry in one immediate transaction: both land or neither does. */
   private write<T>(fn: () => T, event: AuditEvent | ((result: T) => AuditEvent)): T {
     try {

@@ -156,3 +156,31 @@ test('schema versions: a newer vault is refused, a non-vault file is corrupt', a
   assert.throws(() => Vault.open(dir), code('vault_too_new'));
   assert.throws(() => Vault.open(join(dir, 'nowhere')), code('vault_not_initialised'));
 });
+
+test('atomically: several writes and their audit entries land together, or none does', async (t) => {
+  const { vault, cleanup } = await fresh();
+  t.after(() => {
+    vault.close();
+    cleanup();
+  });
+  const entries = () => vault.readAudit({ limit: 1000 }).length;
+  const before = entries();
+  assert.throws(
+    () =>
+      vault.atomically(() => {
+        vault.putRecord('secret', { name: 'x', data: Buffer.from('1') });
+        vault.record({ action: 'host.attest', outcome: 'ok', subject: 'tpm' });
+        throw new ShieldError('disk_full', 'stand-in for a failure half-way');
+      }),
+    code('disk_full'),
+  );
+  assert.equal(vault.hasRecord('secret', 'x'), false);
+  assert.equal(entries(), before);
+  vault.atomically(() => {
+    vault.putRecord('secret', { name: 'x', data: Buffer.from('1') });
+    vault.record({ action: 'host.attest', outcome: 'ok', subject: 'tpm' });
+  });
+  assert.equal(vault.hasRecord('secret', 'x'), true);
+  assert.equal(entries(), before + 2);
+  assert.deepEqual(vault.verifyAudit().problems, []);
+});
