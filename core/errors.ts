@@ -52,6 +52,7 @@ export const ERROR_CODES = [
   'tpm_error',
   'tpm_malformed',
   'eventlog_invalid',
+  'vtpm_state_invalid',
   'cancelled',
   'unauthorized',
   'forbidden',

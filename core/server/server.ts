@@ -61,6 +61,7 @@ export function httpStatusFor(code: ErrorCode): number {
     case 'kp_not_owner':
     case 'kp_unwrap_denied':
     case 'shield_key_mismatch':
+    case 'vtpm_state_invalid':
     case 'shield_tampered':
     case 'shield_rollback':
     case 'integrity_violation':
