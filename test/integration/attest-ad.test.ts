@@ -6,6 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, readdirSync, statSync } from 'node:fs';
+import { createServer, type AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { Vault } from '../../core/vault/mod.ts';
 import { ShieldError } from '../../core/errors.ts';
@@ -250,8 +251,25 @@ test('ad-group attestation against a real Samba AD DC', { skip, timeout: 170_000
   await assert.rejects(svcIn.attestAdGroup(), (e: unknown) => adRefusal('DcUnreachable')(e) && (e as ShieldError).message.includes(dc.url) && (e as ShieldError).message.includes(second.url));
   await dc.start();
 
+  // A DC that accepts the connection and then never says a word (hung, or a black hole in
+  // between): bounded by the timeout, then the next DC answers.
+  const silent = createServer((socket) => void socket); // holds every connection open, answers nothing
+  await new Promise<void>((r) => silent.listen(0, '127.0.0.1', () => r()));
+  t.after(() => silent.close());
+  const silentUrl = `ldaps://127.0.0.1:${(silent.address() as AddressInfo).port}`;
+  await svcIn.configureAd({ urls: [silentUrl, dc.url], tlsNames: [dc.hostName], timeoutMs: 1000 });
+  const started = performance.now();
+  const viaSecond = await svcIn.testAd();
+  const waited = performance.now() - started;
+  assert.equal(viaSecond.ok, true);
+  assert.equal(viaSecond.dc, dc.url);
+  assert.deepEqual(viaSecond.failedDcs.map((f) => [f.dc, f.reason]), [[silentUrl, 'DcUnreachable']]);
+  assert.ok(waited >= 900 && waited < 8000, `the silent DC cost ${waited.toFixed(0)} ms (timeout 1 s)`);
+  await svcIn.configureAd({ urls: [silentUrl] });
+  await assert.rejects(svcIn.attestAdGroup(), (e: unknown) => adRefusal('DcUnreachable')(e) && /time/i.test((e as Error).message));
+
   // Latency: median of 10 in-process attestations against the DC (LDAPS, CA pinned).
-  await svcIn.configureAd({ urls: [dc.url] });
+  await svcIn.configureAd({ urls: [dc.url], timeoutMs: 5000 });
   const times: number[] = [];
   for (let i = 0; i < 10; i++) {
     const s = performance.now();
