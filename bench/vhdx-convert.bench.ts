@@ -5,18 +5,24 @@
 //   random  random bytes everywhere: incompressible, not one zero block.
 // Like for like: the same input file for both sides (VHDX → raw reads one VHDX, made by qemu-img),
 // the same block size, the input in the page cache, every side a whole fresh process timed by
-// wall clock from spawn to exit (Node start-up included), outputs removed and the disk synced
-// (untimed) before every run so no run pays for another's writeback. Durability matched two ways:
+// wall clock from spawn to exit (Node start-up included), every output removed (not only the one
+// the run will write: no run starts with another's output in the page cache) and the disk synced
+// (untimed) before every run so no run pays for another's writeback, then a pause (--settle-ms,
+// 3 s): on a VM with free page reporting the memory a run frees (its output's page cache) goes back
+// to the host after ~2 s, and a run started sooner gets it cheaply (bench/shield.bench.ts measured
+// 0.4 s against 2.8 s for 1 GiB of qemu-img's output), so whoever runs right after a deleted output
+// would be favoured: every run starts settled. Durability matched two ways:
 //   no flush  qemu-img as it runs by default (cache=unsafe) | ours as a library, `durable: false`:
 //             a fresh node importing core/vhdx/mod.ts through type stripping (module-ts), and
 //             importing the same code built by tsc (module-js: how the packaged app runs it)
 //   flushed   qemu-img -t writeback (flushes before it exits) | ours: the real CLI,
 //             `shieldlab vhdx convert`, which always flushes (fdatasync, then the directory)
-// Runs are interleaved (the order rotates), one untimed warm-up each; median of N, [min–max]
+// Runs are interleaved (the order rotates), one untimed warm-up each, whose output is checked
+// (qemu-img compare with the raw input, cmp for raw output); median of N, [min–max]
 // shows the noise. Ratio = ours / qemu (target ≤ 1.0). Peak RSS: GNU time's %M per process when
 // /usr/bin/time exists, else the module children's own VmHWM.
 //
-//   node_modules/.bin/node bench/vhdx-convert.bench.ts [--runs N] [--size-mib M] [--inputs sparse,dense,random] [--json]
+//   node_modules/.bin/node bench/vhdx-convert.bench.ts [--runs N] [--size-mib M] [--inputs sparse,dense,random] [--settle-ms MS] [--json]
 import { execFileSync, spawnSync } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import { closeSync, existsSync, ftruncateSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, writeSync } from 'node:fs';
@@ -38,10 +44,14 @@ const opt = (name: string, dflt: string) => {
 const RUNS = Number(opt('--runs', '5'));
 const SIZE = Number(opt('--size-mib', '1024')) * MiB;
 const KINDS = opt('--inputs', 'sparse,dense,random').split(',') as Kind[];
+const SETTLE_MS = Number(opt('--settle-ms', '3000'));
 type Kind = 'sparse' | 'dense' | 'random';
 type Dir = 'to-vhdx' | 'to-raw';
-if (!Number.isInteger(RUNS) || RUNS < 1 || !Number.isSafeInteger(SIZE) || SIZE < BLOCK || !KINDS.every((k) => ['sparse', 'dense', 'random'].includes(k))) {
-  process.stderr.write('usage: vhdx-convert.bench.ts [--runs N] [--size-mib M (>= 32)] [--inputs sparse,dense,random] [--json]\n');
+if (
+  !Number.isInteger(RUNS) || RUNS < 1 || !Number.isSafeInteger(SIZE) || SIZE < BLOCK || !KINDS.every((k) => ['sparse', 'dense', 'random'].includes(k)) ||
+  !Number.isInteger(SETTLE_MS) || SETTLE_MS < 0
+) {
+  process.stderr.write('usage: vhdx-convert.bench.ts [--runs N] [--size-mib M (>= 32)] [--inputs sparse,dense,random] [--settle-ms MS] [--json]\n');
   process.exit(2);
 }
 if (spawnSync('sh', ['-c', 'command -v qemu-img']).status !== 0) {
@@ -127,10 +137,25 @@ function variants(builtMod: string | null): Variant[] {
   ];
 }
 
+const outputOf = (v: { name: string }, dir: Dir) => join(root, `${v.name}.${dir === 'to-vhdx' ? 'vhdx' : 'raw'}`);
+/** Every variant's output, both ways, and any partial file left by a failed run. */
+function removeOutputs(): void {
+  for (const name of ['qemu', 'qemu-flushed', 'module-ts', 'module-js', 'cli'] satisfies VariantName[]) {
+    for (const dir of ['to-vhdx', 'to-raw'] as const) {
+      rmSync(outputOf({ name }, dir), { force: true });
+      rmSync(`${outputOf({ name }, dir)}.partial`, { force: true });
+    }
+  }
+}
+
 /** One whole process, timed from spawn to exit; peak RSS in KiB (null when unknown). */
-function runOnce(argvOf: string[], output: string): { ms: number; rssKiB: number | null } {
-  rmSync(output, { force: true });
+function runOnce(argvOf: string[]): { ms: number; rssKiB: number | null } {
+  removeOutputs();
   execFileSync('sync'); // untimed: nobody pays for earlier writeback
+  // Untimed too: memory the previous run freed is handed back to the host after ~2 s where free
+  // page reporting is on (virtio-balloon), and whoever runs before that gets it cheaply, after it
+  // pays to fault it in again: every run starts after the same wait.
+  if (SETTLE_MS > 0) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, SETTLE_MS);
   const rssFile = join(root, 'rss');
   const full = TIME ? [TIME, '-f', '%M', '-o', rssFile, ...argvOf] : argvOf;
   const t = performance.now();
@@ -173,7 +198,7 @@ interface Stat {
   maxMs: number;
   peakRssMiB: number | null;
 }
-const report: Record<string, unknown> = { sizeMiB: SIZE / MiB, blockMiB: BLOCK / MiB, runs: RUNS, rss: TIME ? 'GNU time %M' : 'module children VmHWM only' };
+const report: Record<string, unknown> = { sizeMiB: SIZE / MiB, blockMiB: BLOCK / MiB, runs: RUNS, settleMs: SETTLE_MS, rss: TIME ? 'GNU time %M' : 'module children VmHWM only' };
 const verdicts: { what: string; ratio: number }[] = [];
 const out = (s: string) => {
   if (!json) process.stdout.write(s);
@@ -195,24 +220,24 @@ try {
     warm(input);
     warm(common);
     const rest = { sparse: ', the rest holes', dense: ', the rest zeros (written)', random: ': random bytes throughout' }[kind];
-    out(`${kind} input: ${SIZE / MiB} MiB raw, data in ${dataBlocks}/${SIZE / BLOCK} blocks of ${BLOCK / MiB} MiB${rest}; median of ${RUNS} [min–max]\n`);
+    out(`${kind} input: ${SIZE / MiB} MiB raw, data in ${dataBlocks}/${SIZE / BLOCK} blocks of ${BLOCK / MiB} MiB${rest}; median of ${RUNS} [min–max], ${SETTLE_MS} ms settle before each run\n`);
     const results: Record<string, Record<string, Stat>> = {};
     for (const dir of ['to-vhdx', 'to-raw'] as const) {
       const from = dir === 'to-vhdx' ? input : common;
-      const outputOf = (v: Variant) => join(root, `${v.name}.${dir === 'to-vhdx' ? 'vhdx' : 'raw'}`);
       const samples = new Map<string, { ms: number; rssKiB: number | null }[]>(VARIANTS.map((v) => [v.name, []]));
-      for (const v of VARIANTS) runOnce(v.cmd(dir, from, outputOf(v)), outputOf(v)); // warm-up
+      for (const v of VARIANTS) {
+        // Warm-up, and the same content every way, or the timing means nothing.
+        runOnce(v.cmd(dir, from, outputOf(v, dir)));
+        if (dir === 'to-vhdx') execFileSync('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'vhdx', input, outputOf(v, dir)]);
+        else execFileSync('cmp', ['-s', input, outputOf(v, dir)]);
+      }
       for (let i = 0; i < RUNS; i++) {
         for (let k = 0; k < VARIANTS.length; k++) {
           const v = VARIANTS[(i + k) % VARIANTS.length]!;
-          samples.get(v.name)!.push(runOnce(v.cmd(dir, from, outputOf(v)), outputOf(v)));
+          samples.get(v.name)!.push(runOnce(v.cmd(dir, from, outputOf(v, dir))));
         }
       }
-      // The same content every way, or the timing means nothing.
-      for (const v of VARIANTS) {
-        if (dir === 'to-vhdx') execFileSync('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'vhdx', input, outputOf(v)]);
-        else execFileSync('cmp', ['-s', input, outputOf(v)]);
-      }
+      removeOutputs();
       const stats: Record<string, Stat> = {};
       for (const [name, xs] of samples) {
         const rss = xs.map((x) => x.rssKiB).filter((x): x is number => x !== null);
@@ -222,7 +247,6 @@ try {
           maxMs: Math.max(...xs.map((x) => x.ms)),
           peakRssMiB: rss.length ? Math.max(...rss) / 1024 : null,
         };
-        rmSync(join(root, `${name}.${dir === 'to-vhdx' ? 'vhdx' : 'raw'}`), { force: true });
       }
       results[dir] = stats;
       const s = (n: string) => `${fmt(stats[n]!.medianMs)} [${stats[n]!.minMs.toFixed(0)}–${stats[n]!.maxMs.toFixed(0)}]`;

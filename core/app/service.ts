@@ -1,18 +1,19 @@
 // The one service every front door calls. It validates arguments and results against the contract
 // (results pass through their schema, which also strips anything not declared — a guard against
 // leaking fields), runs the handler, and turns every failure into a ShieldError.
+//
+// Loading is lazy: the vault (better-sqlite3, the keychain), the guardians (node-forge), attestation
+// and shielded disks are imported on the first call that needs them, so a command that needs none
+// of it (`vhdx convert`, `vhdx info`) starts without paying for it.
 import { statSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { extname, join } from 'node:path';
 import { randomUUID } from 'node:crypto';
-import { z } from 'zod';
+import type { z } from 'zod';
 import { contract, isMethodName, type AppEvent, type MethodName, type ParsedArgs, type ProgressEvent, type Result, type VaultStatus } from './contract.ts';
 import { ShieldError, toShieldError } from '../errors.ts';
-import { guardianHandlers } from './guardian-handlers.ts';
-import { diskHandlers } from './disk-handlers.ts';
 import { checkVhdx, convertRawToVhdx, convertVhdxToRaw, createDifferencingVhdx, createVhdx, openVhdx, parseSize, resizeVhdx } from '../vhdx/mod.ts';
-import { GuardianStore } from '../guardian/store.ts';
-import { OsKeychain, Vault, restoreBackup, writeBackup, type Keychain, type Protection } from '../vault/mod.ts';
+import type { Keychain, Protection, Vault } from '../vault/mod.ts';
 
 export interface CallContext {
   callId?: string;
@@ -32,6 +33,18 @@ export interface AppOptions {
 }
 
 type Handler<M extends MethodName> = (args: ParsedArgs<M>, ctx: CallContext) => Promise<Result<M>>;
+type VhdxMethods = Extract<MethodName, `vhdx.${string}`>;
+/** Every method but the VHDX ones: their handlers are made on first use, with the modules they need. */
+type LazyMethods = Exclude<MethodName, VhdxMethods>;
+type Handlers<M extends MethodName> = { [K in M]: Handler<K> };
+
+type VaultModule = typeof import('../vault/mod.ts');
+let vaultModule: VaultModule | undefined;
+/** The vault module once loaded; only ever called from code that runs after `loadHandlers`. */
+function vaultMod(): VaultModule {
+  if (!vaultModule) throw new Error('the vault module is not loaded yet');
+  return vaultModule;
+}
 
 /** The per-user app-data folder when neither --home nor $SHIELDLAB_HOME is set. */
 export function defaultHome(env: NodeJS.ProcessEnv = process.env): string {
@@ -52,7 +65,8 @@ function passphraseBuffer(text: string | undefined): Buffer | undefined {
 
 export class ShieldLabApp {
   readonly home: string;
-  private readonly keychain: Keychain;
+  private readonly givenKeychain: Keychain | undefined;
+  private osKeychain: Keychain | null = null;
   private readonly log: (line: string) => void;
   private vault: Vault | null = null;
   private idleTimer: NodeJS.Timeout | null = null;
@@ -60,7 +74,7 @@ export class ShieldLabApp {
 
   constructor(opts: AppOptions) {
     this.home = opts.home;
-    this.keychain = opts.keychain ?? new OsKeychain();
+    this.givenKeychain = opts.keychain;
     this.log = opts.log ?? (() => undefined);
   }
 
@@ -84,7 +98,7 @@ export class ShieldLabApp {
       throw new ShieldError('invalid_argument', `${where}${issue?.message ?? 'invalid arguments'}`);
     }
     try {
-      const handler = this.handlers[methodName] as Handler<MethodName>;
+      const handler = await this.handler(methodName);
       const result = await handler(parsed.data as never, { ...ctx, callId: ctx.callId ?? randomUUID() });
       return (spec.result as z.ZodType).parse(result);
     } catch (err) {
@@ -111,8 +125,15 @@ export class ShieldLabApp {
 
   // ---- session helpers -------------------------------------------------------------------
 
+  /** The OS keychain (made on first use: its module comes with the vault's), unless one was given. */
+  private get keychain(): Keychain {
+    if (this.givenKeychain) return this.givenKeychain;
+    this.osKeychain ??= new (vaultMod().OsKeychain)();
+    return this.osKeychain;
+  }
+
   private openVault(): Vault {
-    this.vault ??= Vault.open(this.home);
+    this.vault ??= vaultMod().Vault.open(this.home);
     return this.vault;
   }
 
@@ -138,7 +159,7 @@ export class ShieldLabApp {
   }
 
   private status(): VaultStatus {
-    if (!this.vault && !Vault.exists(this.home)) return { initialised: false, home: this.home, unlocked: false, slots: [] };
+    if (!this.vault && !vaultMod().Vault.exists(this.home)) return { initialised: false, home: this.home, unlocked: false, slots: [] };
     return { initialised: true, home: this.home, ...this.openVault().status() };
   }
 
@@ -163,140 +184,170 @@ export class ShieldLabApp {
 
   // ---- handlers: one per contract method ----------------------------------------------------
 
-  private readonly handlers: { [M in MethodName]: Handler<M> } = {
-    'vault.status': async () => this.status(),
+  private lazyHandlers: Promise<Handlers<LazyMethods>> | null = null;
 
-    'vault.init': async (args) => {
-      const protection = this.protection(args);
-      try {
-        this.vault = await Vault.create(this.home, protection);
-      } finally {
-        protection.passphrase?.fill(0);
-      }
-      this.emit({ type: 'state', unlocked: true });
-      return this.status();
-    },
+  private async handler(method: MethodName): Promise<Handler<MethodName>> {
+    if (Object.hasOwn(this.vhdxHandlers, method)) return this.vhdxHandlers[method as VhdxMethods] as Handler<MethodName>;
+    this.lazyHandlers ??= this.loadHandlers().catch((err: unknown) => {
+      this.lazyHandlers = null; // a failed load is tried again on the next call
+      throw err;
+    });
+    return (await this.lazyHandlers)[method as LazyMethods] as Handler<MethodName>;
+  }
 
-    'vault.unlock': async (args) => {
-      const v = this.openVault();
-      const pass = passphraseBuffer(args.passphrase);
-      try {
-        await v.unlock(pass ? { passphrase: pass } : { keychain: this.keychain });
-      } finally {
-        pass?.fill(0);
-      }
-      this.emit({ type: 'state', unlocked: true });
-      return this.status();
-    },
+  /** The vault, guardian and disk handlers, with the modules they need (loaded once, on first use). */
+  private async loadHandlers(): Promise<Handlers<LazyMethods>> {
+    const [vaultModuleLoaded, { GuardianStore }, { guardianHandlers }, { diskHandlers }] = await Promise.all([
+      import('../vault/mod.ts'),
+      import('../guardian/store.ts'),
+      import('./guardian-handlers.ts'),
+      import('./disk-handlers.ts'),
+    ]);
+    vaultModule = vaultModuleLoaded;
+    const { Vault, restoreBackup, writeBackup } = vaultModuleLoaded;
+    return {
+      'vault.status': async () => this.status(),
 
-    'vault.lock': async () => {
-      this.openVault().lock();
-      this.emit({ type: 'state', unlocked: false, reason: 'requested' });
-      return this.status();
-    },
+      'vault.init': async (args) => {
+        const protection = this.protection(args);
+        try {
+          this.vault = await Vault.create(this.home, protection);
+        } finally {
+          protection.passphrase?.fill(0);
+        }
+        this.emit({ type: 'state', unlocked: true });
+        return this.status();
+      },
 
-    'vault.put': async (args) => {
-      const value = Buffer.from(args.value, 'utf8');
-      try {
-        const r = this.unlocked().putRecord('secret', { name: args.name, data: value, tags: args.tags, notes: args.notes });
-        return { name: args.name, version: r.version, created: r.created };
-      } finally {
-        value.fill(0);
-      }
-    },
+      'vault.unlock': async (args) => {
+        const v = this.openVault();
+        const pass = passphraseBuffer(args.passphrase);
+        try {
+          await v.unlock(pass ? { passphrase: pass } : { keychain: this.keychain });
+        } finally {
+          pass?.fill(0);
+        }
+        this.emit({ type: 'state', unlocked: true });
+        return this.status();
+      },
 
-    'vault.get': async (args) => {
-      const rec = this.unlocked().getRecord('secret', args.name);
-      const data = Buffer.from(rec.data, 'base64');
-      const value = data.toString('utf8');
-      data.fill(0);
-      return { name: rec.name, value, tags: rec.tags, notes: rec.notes, version: rec.version, updatedAt: rec.updatedAt };
-    },
+      'vault.lock': async () => {
+        this.openVault().lock();
+        this.emit({ type: 'state', unlocked: false, reason: 'requested' });
+        return this.status();
+      },
 
-    'vault.list': async (args) => ({ records: this.unlocked().listRecords(args.kind) }),
+      'vault.put': async (args) => {
+        const value = Buffer.from(args.value, 'utf8');
+        try {
+          const r = this.unlocked().putRecord('secret', { name: args.name, data: value, tags: args.tags, notes: args.notes });
+          return { name: args.name, version: r.version, created: r.created };
+        } finally {
+          value.fill(0);
+        }
+      },
 
-    'vault.delete': async (args) => {
-      this.unlocked().deleteRecord('secret', args.name);
-      return { name: args.name, deleted: true as const };
-    },
+      'vault.get': async (args) => {
+        const rec = this.unlocked().getRecord('secret', args.name);
+        const data = Buffer.from(rec.data, 'base64');
+        const value = data.toString('utf8');
+        data.fill(0);
+        return { name: rec.name, value, tags: rec.tags, notes: rec.notes, version: rec.version, updatedAt: rec.updatedAt };
+      },
 
-    'vault.audit': async (args) => {
-      const v = this.unlocked();
-      const entries = v.readAudit({ limit: args.limit });
-      if (!args.verify) return { entries };
-      const verification = v.verifyAudit();
-      v.record({ action: 'audit.verify', outcome: verification.problems.length ? 'failed' : 'ok', reason: `${verification.problems.length} problem(s)` });
-      return { entries, verification: { ok: verification.problems.length === 0, ...verification } };
-    },
+      'vault.list': async (args) => ({ records: this.unlocked().listRecords(args.kind) }),
 
-    'vault.backup': async (args) => {
-      const v = this.unlocked();
-      const header = writeBackup(v, args.out);
-      // The backup holds every guardian's private keys: they are now backed up.
-      const guardians = new GuardianStore(v);
-      guardians.markBackedUp(guardians.list().filter((g) => g.hasPrivateKeys).map((g) => g.name));
-      return { file: args.out, bytes: statSync(args.out).size, records: header.records, recoverySetId: header.recoverySetId };
-    },
+      'vault.delete': async (args) => {
+        this.unlocked().deleteRecord('secret', args.name);
+        return { name: args.name, deleted: true as const };
+      },
 
-    'vault.restore': async (args) => {
-      const protection = this.protection(args);
-      try {
-        this.vault?.close();
-        this.vault = await restoreBackup({ home: this.home, file: args.file, shares: args.share, protection });
-      } finally {
-        protection.passphrase?.fill(0);
-      }
-      this.emit({ type: 'state', unlocked: true });
-      return this.status();
-    },
+      'vault.audit': async (args) => {
+        const v = this.unlocked();
+        const entries = v.readAudit({ limit: args.limit });
+        if (!args.verify) return { entries };
+        const verification = v.verifyAudit();
+        v.record({ action: 'audit.verify', outcome: verification.problems.length ? 'failed' : 'ok', reason: `${verification.problems.length} problem(s)` });
+        return { entries, verification: { ok: verification.problems.length === 0, ...verification } };
+      },
 
-    'vault.recoverySplit': async (args) => {
-      if (args.threshold > args.shares) throw new ShieldError('invalid_argument', 'The threshold cannot exceed the number of shares.');
-      const r = await this.unlocked().splitRecovery(args.shares, args.threshold);
-      return { setId: r.setId, threshold: args.threshold, shares: r.shares };
-    },
+      'vault.backup': async (args) => {
+        const v = this.unlocked();
+        const header = writeBackup(v, args.out);
+        // The backup holds every guardian's private keys: they are now backed up.
+        const guardians = new GuardianStore(v);
+        guardians.markBackedUp(guardians.list().filter((g) => g.hasPrivateKeys).map((g) => g.name));
+        return { file: args.out, bytes: statSync(args.out).size, records: header.records, recoverySetId: header.recoverySetId };
+      },
 
-    'vault.recover': async (args) => {
-      const v = this.openVault();
-      const protection = this.protection(args);
-      try {
-        if (!v.unlocked) await v.unlock({ shares: args.share });
-        await v.reprotect({ ...protection, dropOthers: true }, 'vault.recover');
-      } finally {
-        protection.passphrase?.fill(0);
-      }
-      this.emit({ type: 'state', unlocked: true });
-      return this.status();
-    },
+      'vault.restore': async (args) => {
+        const protection = this.protection(args);
+        try {
+          this.vault?.close();
+          this.vault = await restoreBackup({ home: this.home, file: args.file, shares: args.share, protection });
+        } finally {
+          protection.passphrase?.fill(0);
+        }
+        this.emit({ type: 'state', unlocked: true });
+        return this.status();
+      },
 
-    'vault.changePassphrase': async (args) => {
-      const pass = Buffer.from(args.newPassphrase, 'utf8');
-      try {
-        await this.unlocked().reprotect({ passphrase: pass, kdf: { N: args.kdfMemoryMib * 1024, r: 8, p: 1 } }, 'vault.passphrase');
-      } finally {
-        pass.fill(0);
-      }
-      return this.status();
-    },
+      'vault.recoverySplit': async (args) => {
+        if (args.threshold > args.shares) throw new ShieldError('invalid_argument', 'The threshold cannot exceed the number of shares.');
+        const r = await this.unlocked().splitRecovery(args.shares, args.threshold);
+        return { setId: r.setId, threshold: args.threshold, shares: r.shares };
+      },
 
-    'vault.rotateKey': async (args, ctx) => {
-      const v = this.unlocked();
-      const pass = passphraseBuffer(args.passphrase);
-      try {
-        const hasKeychain = v.status().slots.includes('keychain');
-        return await v.rotateKey({
-          ...(pass ? { passphrase: pass } : {}),
-          ...(hasKeychain ? { keychain: this.keychain } : {}),
-          onProgress: this.progress(ctx, 'vault.rotateKey', 're-encrypting records', 'records'),
-        });
-      } finally {
-        pass?.fill(0);
-      }
-    },
+      'vault.recover': async (args) => {
+        const v = this.openVault();
+        const protection = this.protection(args);
+        try {
+          if (!v.unlocked) await v.unlock({ shares: args.share });
+          await v.reprotect({ ...protection, dropOthers: true }, 'vault.recover');
+        } finally {
+          protection.passphrase?.fill(0);
+        }
+        this.emit({ type: 'state', unlocked: true });
+        return this.status();
+      },
 
-    ...guardianHandlers(() => this.unlocked()),
-    ...diskHandlers(() => this.unlocked(), (ctx, method, phase) => this.progress(ctx, method, phase, 'bytes')),
+      'vault.changePassphrase': async (args) => {
+        const pass = Buffer.from(args.newPassphrase, 'utf8');
+        try {
+          await this.unlocked().reprotect({ passphrase: pass, kdf: { N: args.kdfMemoryMib * 1024, r: 8, p: 1 } }, 'vault.passphrase');
+        } finally {
+          pass.fill(0);
+        }
+        return this.status();
+      },
 
+      'vault.rotateKey': async (args, ctx) => {
+        const v = this.unlocked();
+        const pass = passphraseBuffer(args.passphrase);
+        try {
+          const hasKeychain = v.status().slots.includes('keychain');
+          return await v.rotateKey({
+            ...(pass ? { passphrase: pass } : {}),
+            ...(hasKeychain ? { keychain: this.keychain } : {}),
+            onProgress: this.progress(ctx, 'vault.rotateKey', 're-encrypting records', 'records'),
+          });
+        } finally {
+          pass?.fill(0);
+        }
+      },
+
+      ...guardianHandlers(() => this.unlocked()),
+      ...diskHandlers(() => this.unlocked(), (ctx, method, phase) => this.progress(ctx, method, phase, 'bytes')),
+
+      'vault.settings': async (args) => {
+        const v = this.unlocked();
+        if (args.autoLockMinutes !== undefined) v.setAutoLock(args.autoLockMinutes);
+        return { autoLockMinutes: v.autoLockMinutes() };
+      },
+    };
+  }
+
+  private readonly vhdxHandlers: Handlers<VhdxMethods> = {
     'vhdx.info': async (args) => {
       const image = await openVhdx(args.file, args.parent !== undefined ? { parent: args.parent } : {});
       try {
@@ -344,12 +395,6 @@ export class ShieldLabApp {
       checkVhdx(args.file, { repair: args.repair, onProgress: (phase, done, total) => this.progress(ctx, 'vhdx.check', `${phase} the BAT`, 'bytes')(done, total) }),
 
     'vhdx.resize': async (args) => resizeVhdx(args.file, parseSize(args.size, 'disk size')),
-
-    'vault.settings': async (args) => {
-      const v = this.unlocked();
-      if (args.autoLockMinutes !== undefined) v.setAutoLock(args.autoLockMinutes);
-      return { autoLockMinutes: v.autoLockMinutes() };
-    },
   };
 }
 
