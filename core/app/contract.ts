@@ -29,7 +29,7 @@ const path = z.string().min(1).max(4096);
 const shareList = z.array(z.string().min(8).max(200)).min(1).max(255);
 
 export const SlotKind = z.enum(['keychain', 'passphrase', 'recovery']);
-export const RecordKind = z.enum(['secret', 'guardian-key', 'key-protector', 'recovery', 'host-key', 'attestation', 'shielded-disk']);
+export const RecordKind = z.enum(['secret', 'guardian-key', 'key-protector', 'recovery', 'host-key', 'attestation', 'shielded-disk', 'vm']);
 
 export const VaultStatus = z.object({
   initialised: z.boolean(),
@@ -392,6 +392,56 @@ const protectionArgs = {
     .default(128)
     .describe('scrypt memory per passphrase derivation, MiB (power of two)'),
 };
+
+
+// ---- shielded QEMU VMs ----------------------------------------------------------------------------
+
+const vmName = z.string().min(1).max(63).regex(/^[A-Za-z0-9][A-Za-z0-9._-]*$/, 'letters, digits, ".", "_" or "-", starting with a letter or digit');
+export const SecurityLevel = z.enum(['shielded', 'encryption-supported']);
+export const VmRunStatus = z.enum(['starting', 'running', 'stopping', 'stopped', 'crashed']);
+export const Accelerator = z.enum(['kvm', 'tcg']);
+
+export const VmInfo = z.object({
+  name: z.string(),
+  disk: z.string(),
+  diskId: z.string(),
+  memoryMiB: z.number(),
+  cpus: z.number(),
+  level: SecurityLevel,
+  console: z.enum(['serial-log', 'vnc']).nullable(),
+  kernel: z.string().nullable(),
+  initrd: z.string().nullable(),
+  append: z.string().nullable(),
+  createdAt: z.string(),
+  tpmState: z.string(),
+  vtpmProvisioned: z.boolean(),
+  status: VmRunStatus,
+  /** The accelerator of the run (or of the last run; when it never ran, what a start would use now). */
+  accel: Accelerator,
+  accelReason: z.string(),
+  secureBoot: z.boolean(),
+  startedAt: z.string().nullable(),
+  stoppedAt: z.string().nullable(),
+  reason: z.string().nullable(),
+  pid: z.number().nullable(),
+  qemuPid: z.number().nullable(),
+  consoleAt: z.string().nullable(),
+});
+export type VmInfo = z.infer<typeof VmInfo>;
+
+export const VmRun = z.object({
+  name: z.string(),
+  level: SecurityLevel,
+  status: z.enum(['stopped', 'crashed']),
+  cause: z.enum(['guest', 'stop', 'qemu', 'swtpm', 'nbd']),
+  reason: z.string(),
+  accel: Accelerator,
+  secureBoot: z.boolean(),
+  vtpmProvisioned: z.boolean(),
+  startedAt: z.string(),
+  stoppedAt: z.string(),
+  qemuExit: z.object({ code: z.number().nullable(), signal: z.string().nullable() }).nullable(),
+});
 
 export const contract = {
   'vault.status': method({
@@ -851,6 +901,67 @@ export const contract = {
     cli: { path: ['disk', 'revoke'], positional: ['file'] },
     args: z.object({ file: path, guardian: guardianName.describe('guardian to remove') }),
     result: DiskInfo,
+    needs: 'unlocked',
+  }),
+
+  'vm.create': method({
+    summary: 'Create a shielded QEMU VM from a shielded disk (nothing starts; the vTPM is made on first start)',
+    cli: { path: ['vm', 'create'], positional: ['name'] },
+    args: z.object({
+      name: vmName,
+      disk: path.describe('the shielded VHDX (from `disk shield`)'),
+      memory: z.number().int().min(64).max(1024 * 1024).default(1024).describe('memory in MiB'),
+      cpus: z.number().int().min(1).max(256).default(2).describe('virtual CPUs'),
+      level: SecurityLevel.default('shielded').describe('shielded: no console, Secure Boot; encryption-supported: the admin keeps a console'),
+      console: z.enum(['serial-log', 'vnc']).optional().describe('encryption-supported only: the serial console to a log file (default) or VNC on 127.0.0.1'),
+      kernel: path.optional().describe('lab/test guests: boot this kernel directly (under Secure Boot it must be signed for the enrolled keys)'),
+      initrd: path.optional().describe('lab/test guests: the initrd for --kernel'),
+      append: z.string().max(4096).optional().describe('lab/test guests: the kernel command line for --kernel'),
+    }),
+    result: VmInfo,
+    needs: 'unlocked',
+  }),
+  'vm.start': method({
+    summary: 'Start a VM and run it until it stops (Ctrl-C, SIGTERM or `vm stop`): attest, release the key, serve the disk, start the encrypted vTPM, launch QEMU',
+    cli: { path: ['vm', 'start'], positional: ['name'] },
+    args: z.object({
+      name: vmName,
+      testChannel: path.optional().describe('TEST ONLY (encryption-supported level): connect a virtio-serial port named org.shieldlab.test to this Unix socket'),
+      powerDownTimeout: z.number().int().min(1).max(3600).default(60).describe('seconds an ACPI power-down may take on Ctrl-C before the VM is stopped hard'),
+    }),
+    result: VmRun,
+    needs: 'unlocked',
+  }),
+  'vm.stop': method({
+    summary: 'Stop a running VM: ACPI power-down, then a hard stop after the timeout (--force: at once)',
+    cli: { path: ['vm', 'stop'], positional: ['name'] },
+    args: z.object({
+      name: vmName,
+      force: z.boolean().default(false).describe('stop hard now (no power-down)'),
+      timeout: z.number().int().min(1).max(3600).default(60).describe('seconds to wait for the power-down'),
+    }),
+    result: z.object({ name: z.string(), how: z.enum(['powerdown', 'quit', 'kill', 'not-running']), status: VmRunStatus }),
+    needs: 'unlocked',
+  }),
+  'vm.status': method({
+    summary: 'VMs and how they run: state, accelerator (KVM or TCG), Secure Boot, console',
+    cli: { path: ['vm', 'status'], positional: ['name'] },
+    args: z.object({ name: vmName.optional() }),
+    result: z.object({ host: z.object({ accel: Accelerator, accelReason: z.string() }), vms: z.array(VmInfo) }),
+    needs: 'unlocked',
+  }),
+  'vm.list': method({
+    summary: 'The VMs of this ShieldLab home',
+    cli: { path: ['vm', 'list'] },
+    args: z.object({}),
+    result: z.object({ vms: z.array(VmInfo) }),
+    needs: 'unlocked',
+  }),
+  'vm.delete': method({
+    summary: 'Delete a stopped VM: its record and its vTPM state (the guest’s TPM keys are lost); the disk file stays. Needs --yes',
+    cli: { path: ['vm', 'delete'], positional: ['name'] },
+    args: z.object({ name: vmName, yes: z.boolean().default(false).describe('yes, delete it and its vTPM') }),
+    result: z.object({ name: z.string(), deleted: z.literal(true), removed: z.string() }),
     needs: 'unlocked',
   }),
 } as const;

@@ -195,13 +195,14 @@ export class ShieldLabApp {
     return (await this.lazyHandlers)[method as LazyMethods] as Handler<MethodName>;
   }
 
-  /** The vault, guardian and disk handlers, with the modules they need (loaded once, on first use). */
+  /** The vault, guardian, disk and VM handlers, with the modules they need (loaded once, on first use). */
   private async loadHandlers(): Promise<Handlers<LazyMethods>> {
-    const [vaultModuleLoaded, { GuardianStore }, { guardianHandlers }, { diskHandlers }] = await Promise.all([
+    const [vaultModuleLoaded, { GuardianStore }, { guardianHandlers }, { diskHandlers }, { vmHandlers }] = await Promise.all([
       import('../vault/mod.ts'),
       import('../guardian/store.ts'),
       import('./guardian-handlers.ts'),
       import('./disk-handlers.ts'),
+      import('./vm-handlers.ts'),
     ]);
     vaultModule = vaultModuleLoaded;
     const { Vault, restoreBackup, writeBackup } = vaultModuleLoaded;
@@ -338,6 +339,7 @@ export class ShieldLabApp {
 
       ...guardianHandlers(() => this.unlocked()),
       ...diskHandlers(() => this.unlocked(), (ctx, method, phase) => this.progress(ctx, method, phase, 'bytes')),
+      ...vmHandlers(() => this.unlocked()),
 
       'vault.settings': async (args) => {
         const v = this.unlocked();

@@ -127,6 +127,20 @@ export function formatHuman(method: MethodName, result: unknown): string {
     }
     case 'disk.serve':
       return `Stopped serving ${String(r.file)}: ${String(r.connections)} connection(s), ${String(r.bytesRead)} bytes read, ${String(r.bytesWritten)} bytes written${r.generation ? `, generation ${String(r.generation)}` : ''}.\n`;
+    case 'vm.create':
+      return `Created VM ${String(r.name)} (${String(r.level)}, ${String(r.memoryMiB)} MiB, ${String(r.cpus)} CPU(s)) on ${String(r.disk)}; its vTPM is made on first start: \`shieldlab vm start ${String(r.name)}\`.\n`;
+    case 'vm.start':
+      return `VM ${String(r.name)} ${r.status === 'crashed' ? 'crashed' : 'stopped'}: ${String(r.reason)} (${String(r.accel)}${r.secureBoot ? ', Secure Boot' : ''}, ran ${String(r.startedAt)} → ${String(r.stoppedAt)}).\n`;
+    case 'vm.stop':
+      return r.how === 'not-running' ? `VM ${String(r.name)} is not running (${String(r.status)}).\n` : `VM ${String(r.name)} stopped (${String(r.how)}).\n`;
+    case 'vm.status':
+    case 'vm.list': {
+      const host = r.host as { accel: string; accelReason: string } | undefined;
+      const rows = (r.vms as Row[]).map((v) => ({ ...v, accel: v.accel, secureBoot: v.secureBoot ? 'on' : 'off', size: `${String(v.memoryMiB)}M/${String(v.cpus)}cpu` }));
+      return `${host ? `Host: ${host.accel} (${host.accelReason})\n` : ''}${table(rows, [['name', 'NAME'], ['status', 'STATUS'], ['level', 'LEVEL'], ['accel', 'ACCEL'], ['secureBoot', 'SECURE BOOT'], ['size', 'SIZE'], ['consoleAt', 'CONSOLE'], ['reason', 'LAST'], ['disk', 'DISK']])}`;
+    }
+    case 'vm.delete':
+      return `Deleted VM ${String(r.name)} and its vTPM state (${String(r.removed)}); the disk file stays.\n`;
     case 'disk.unshield':
       return `Decrypted ${String(r.input)} into ${String(r.output)} (${String(r.to)}): ${String(r.virtualSize)} bytes, ${String(r.dataBlocks)} blocks hold data.\n`;
     case 'vhdx.check':
@@ -294,6 +308,7 @@ export function exitStatusFor(method: MethodName, result: unknown): number {
     return s.errors > 0 ? 2 : s.leaks > 0 ? 3 : 0;
   }
   if (method === 'kp.release' && !(result as { allowed: boolean }).allowed) return 1;
+  if (method === 'vm.start' && (result as { status: string }).status === 'crashed') return 1;
   if (method === 'host.baselineDiff' && !(result as { matches: boolean }).matches) return 1;
   if (method === 'host.adTest' && !(result as { ok: boolean }).ok) return 1;
   if (method === 'vault.audit') {

@@ -6,7 +6,7 @@ import type { Db } from './db.ts';
 import { aeadOpen, aeadSeal, hmacSha256 } from '../crypto/mod.ts';
 import { ShieldError } from '../errors.ts';
 
-export const RECORD_KINDS = ['secret', 'guardian-key', 'key-protector', 'recovery', 'host-key', 'attestation', 'shielded-disk'] as const;
+export const RECORD_KINDS = ['secret', 'guardian-key', 'key-protector', 'recovery', 'host-key', 'attestation', 'shielded-disk', 'vm'] as const;
 export type RecordKind = (typeof RECORD_KINDS)[number];
 
 export interface RecordPayload {

@@ -522,3 +522,56 @@ export async function bootGuest(opts: BootOptions): Promise<BootResult> {
   }
   return { report, line, via, exit, timedOut, reportMs: reportAt === null ? null : reportAt - t0, exitMs, console: consoleOut, args };
 }
+
+// ---------------------------------------------------------------------------------------------
+// The report channel on its own, for a guest QEMU that someone else starts (`shieldlab vm start
+// --test-channel SOCK`): listen first, QEMU connects as a client.
+
+export interface ReportListener {
+  socketPath: string;
+  /** The first report line, parsed (the guest is acked so it powers off). */
+  report: Promise<{ line: string; report: GuestReport | null }>;
+  close(): Promise<void>;
+}
+
+export async function listenForReport(socketPath: string, opts: { ack?: boolean } = {}): Promise<ReportListener> {
+  rmSync(socketPath, { force: true });
+  const sockets: Socket[] = [];
+  let deliver: (v: { line: string; report: GuestReport | null }) => void = () => undefined;
+  const report = new Promise<{ line: string; report: GuestReport | null }>((r) => (deliver = r));
+  let got = false;
+  const server: Server = createServer((s) => {
+    sockets.push(s);
+    let buf = '';
+    s.on('data', (d: Buffer) => {
+      buf += d.toString('utf8');
+      const nl = buf.indexOf('\n');
+      if (nl >= 0 && !got) {
+        got = true;
+        const line = buf.slice(0, nl).trim();
+        if (opts.ack ?? true) s.write('ack\n');
+        let parsed: GuestReport | null = null;
+        try {
+          parsed = JSON.parse(line) as GuestReport;
+        } catch {
+          parsed = null;
+        }
+        deliver({ line, report: parsed });
+      }
+    });
+    s.on('error', () => undefined);
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(socketPath, () => resolve());
+  });
+  return {
+    socketPath,
+    report,
+    close: async () => {
+      for (const s of sockets) s.destroy();
+      await new Promise<void>((r) => server.close(() => r()));
+      rmSync(socketPath, { force: true });
+    },
+  };
+}
