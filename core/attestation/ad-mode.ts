@@ -41,23 +41,8 @@ interface AdState {
   lastRefusal: { at: string; reason: string; message: string } | null;
 }
 
-/** What `host ad show` and `host status` tell (no password). */
-export interface AdInfo {
-  urls: string[];
-  tlsNames: string[];
-  caSubject: string;
-  startTls: boolean;
-  allowPlainLdap: boolean;
-  bindDn: string;
-  computer: string;
-  groups: AdGroup[];
-  validityHours: number;
-  timeoutMs: number;
-  configuredAt: string;
-  hostId: string | null;
-  lastAttestation: AdState['lastAttestation'];
-  lastRefusal: AdState['lastRefusal'];
-}
+/** What `host ad show` and `host status` tell: the state without the password, the CA by its subject. */
+export type AdInfo = Omit<AdState, 'bindPassword' | 'caPem'> & { caSubject: string };
 
 export interface AdConfigInput {
   urls?: readonly string[] | undefined;
