@@ -3,21 +3,36 @@
 // → the shielded disk opened with the released key (which keeps only its data key) → the vTPM key
 // derived from the same transport key → core/hypervisor starts NBD, swtpm and QEMU and watches them.
 // The transport key is wiped as soon as the disk and the vTPM key are derived from it.
+//
+// The KP rolls on every start (as HGS does): once TK_old is released, a new KP for the same
+// authorization (owner, guardians, policy) with a fresh TK_new becomes the disk's, and the vTPM
+// state moves under deriveVtpmKey(TK_new); an old copy of the KP opens neither any more. Order:
+//   0. settle: finish or drop what a crashed roll left (settleVtpmState, by the key check values);
+//   1. KP_new = rollKeyProtector(KP_old) (signed by the owner if held here, else by the guardian
+//      that released the key: any authorised guardian may roll);
+//   2. the vTPM state re-keyed into <vm>/tpm.next (in memory, swtpm to swtpm; <vm>/tpm untouched);
+//   3. COMMIT: the disk's shield item resealed under TK_new with KP_new (one VHDX metadata update
+//      through its log: the disk holds KP_old or KP_new, never neither); data key and payload unchanged;
+//   4. tpm.next becomes tpm (two renames), the new KP is registered, TK_old and TK_new wiped.
+// A crash before 3: the disk still holds KP_old and tpm is still under its key; the next start
+// drops tpm.next (its key check is not the key KP_old gives). A crash after 3: the disk holds
+// KP_new; the next start releases TK_new, finds tpm.next under its key and finishes step 4 (or puts
+// tpm.old back if it died between the renames). Either way the VM starts.
 import { existsSync, rmSync } from 'node:fs';
-import { resolve } from 'node:path';
+import { join, resolve } from 'node:path';
 import { ShieldError } from '../errors.ts';
 import { wipe } from '../crypto/mod.ts';
 import type { Vault } from '../vault/mod.ts';
-import { parseKeyProtector } from '../guardian/key-protector.ts';
+import { parseKeyProtector, rollKeyProtector } from '../guardian/key-protector.ts';
 import { releaseTransportKey } from '../guardian/release.ts';
 import { AttestationService } from '../attestation/service.ts';
 import { ShieldedDisk, readShieldItem } from '../shield/mod.ts';
-import { deriveVtpmKey, readMarker } from '../vtpm/mod.ts';
+import { deriveVtpmKey, promoteNext, readMarker, rekeyVtpmState, settleVtpmState, stateFolders } from '../vtpm/mod.ts';
 import { chooseAccel } from '../hypervisor/qemu.ts';
 import { checkName, isActive, readState, startVm, stopFromOutside, vmPaths, type RunningVm, type VmRecord } from '../hypervisor/vm.ts';
 import type { MethodName, ParsedArgs, Result, VmInfo } from './contract.ts';
 import { lastSeenGeneration, rememberGeneration } from './disk-handlers.ts';
-import { held, storeOf } from './guardian-handlers.ts';
+import { held, registerKp, storeOf } from './guardian-handlers.ts';
 import type { CallContext } from './service.ts';
 
 type Handler<M extends MethodName> = (args: ParsedArgs<M>, ctx: CallContext) => Promise<Result<M>>;
@@ -68,6 +83,14 @@ function infoOf(v: Vault, vm: VmRecord): VmInfo {
     qemuPid: isActive(s) ? s.qemuPid : null,
     consoleAt: isActive(s) ? s.console : null,
   };
+}
+
+/**
+ * TEST ONLY: SHIELDLAB_TEST_CRASH_AT=<point> ends the process there as a kill -9 would (exit 137,
+ * nothing unwound), so tests can show a roll cut anywhere leaves the VM startable.
+ */
+function crashPoint(point: string): void {
+  if (process.env.SHIELDLAB_TEST_CRASH_AT === point) process.exit(137);
 }
 
 /** A valid health certificate, or attest now in a mode the key protector allows and this host is set up for. */
@@ -130,19 +153,57 @@ export function vmHandlers(vault: () => Vault): { [M in VmMethods]: Handler<M> }
       await ensureAttested(a, parseKeyProtector(item.kp).authorization.policy.modes);
       // The release gate: KP signatures, a guardian held here, a valid health certificate, policy. Audited.
       const released = releaseTransportKey(item.kp, { vault: v, guardians: storeOf(v), attestation: a, healthCertificate: a.currentEncoded(), purpose: `vm.start ${vm.name}` });
-      let disk: ShieldedDisk;
-      let vtpmKey: Buffer;
+      const folders = stateFolders(paths.tpm);
+      const oldKey = deriveVtpmKey(released.transportKey);
+      let disk: ShieldedDisk | undefined;
+      let rolled: { bytes: Buffer; transportKey: Buffer } | undefined;
+      let vtpmKey: Buffer | undefined;
+      let committed = false;
       try {
+        // 0. What a crashed roll left, settled with the key the disk's KP gives now.
+        const settled = settleVtpmState(folders, oldKey);
+        if (settled !== 'clean') v.record({ action: 'kp.roll', outcome: 'ok', subject: vm.name, reason: settled === 'finished' ? 'recovered: finished an interrupted roll' : 'recovered: dropped an unfinished roll' });
         disk = await ShieldedDisk.open(vm.disk, released.transportKey, {
           lastSeenGeneration: item.integrity ? lastSeenGeneration(v, item.diskId) : null,
           onIntegrityEvent: (e) => v.record({ action: `disk.integrity.${e.kind}`, outcome: e.kind === 'violation' ? 'refused' : 'ok', subject: vm.disk, reason: e.message }),
         });
-        vtpmKey = deriveVtpmKey(released.transportKey);
+        // 1. KP_new.
+        const kpOld = parseKeyProtector(item.kp);
+        const s = storeOf(v);
+        const ownerHere = s.list().find((g) => g.signing.thumbprint === kpOld.authorization.owner && g.hasPrivateKeys)?.name;
+        rolled = rollKeyProtector(kpOld, held(s, ownerHere ?? released.guardian));
+        const newKey = deriveVtpmKey(rolled.transportKey);
+        vtpmKey = newKey;
+        // 2. The vTPM state under the new key, in tpm.next. Unprovisioned state (a first start that
+        // died while provisioning) holds nothing of value: it goes, and is provisioned under the new key.
+        const provisioned = readMarker(paths.tpm) !== null;
+        if (provisioned) {
+          await rekeyVtpmState({ from: folders.current, to: folders.next, oldKey, newKey, runDir: join(paths.run, 'tpm-rekey') });
+          rmSync(join(paths.run, 'tpm-rekey'), { recursive: true, force: true });
+        } else {
+          rmSync(folders.current, { recursive: true, force: true });
+        }
+        crashPoint('after-vtpm-rekey');
+        // 3. The commit point.
+        await disk.reseal({ kp: rolled.bytes, transportKey: rolled.transportKey });
+        committed = true;
+        const kpNew = parseKeyProtector(rolled.bytes);
+        registerKp(v, kpNew, vm.disk);
+        v.record({ action: 'kp.roll', outcome: 'ok', subject: vm.name, reason: `${kpNew.authorization.kpId} v${kpOld.keyBlock.version} → v${kpNew.keyBlock.version}${provisioned ? ', vTPM state re-keyed' : ''}` });
+        crashPoint('after-reseal');
+        // 4. The switch.
+        if (provisioned) promoteNext(folders, () => crashPoint('mid-switch'));
       } catch (err) {
+        if (!committed) rmSync(folders.next, { recursive: true, force: true });
+        if (vtpmKey) wipe(vtpmKey);
+        await disk?.close().catch(() => undefined);
         if ((err as { code?: string }).code === 'shield_rollback') v.record({ action: 'vm.start', outcome: 'refused', subject: vm.name, reason: 'rollback' });
+        else if (disk) v.record({ action: 'kp.roll', outcome: 'failed', subject: vm.name, reason: String((err as { code?: string }).code ?? err) });
         throw err;
       } finally {
         wipe(released.transportKey);
+        wipe(oldKey);
+        if (rolled) wipe(rolled.transportKey);
       }
       if (disk.integrity) rememberGeneration(v, disk.diskId, disk.generation);
       let run: RunningVm;

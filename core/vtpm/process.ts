@@ -38,6 +38,11 @@ export interface VtpmOptions {
   startTimeoutMs?: number;
   /** The swtpm binary; default `swtpm` on PATH. */
   swtpm?: string;
+  /**
+   * Default true: `--flags not-need-init` (the state is loaded, so decrypted, as swtpm starts).
+   * false: libtpms stays down until a CMD_INIT, which state-blob transfers need (rekey.ts).
+   */
+  init?: boolean;
 }
 
 export interface VtpmExit {
@@ -121,7 +126,7 @@ export async function launchSwtpm(opts: SwtpmLaunch): Promise<Vtpm> {
   const ctrlSocket = join(runDir, 'swtpm.sock.ctrl');
   for (const s of [ctrlSocket, dataSocket]) if (s) rmSync(s, { force: true }); // a stale socket from a killed swtpm
 
-  const args = ['socket', '--tpm2', '--tpmstate', `dir=${opts.stateDir},mode=0600`, '--ctrl', `type=unixio,path=${ctrlSocket},mode=0600`, '--flags', 'not-need-init', '--pid', `file=${join(runDir, 'swtpm.pid')}`];
+  const args = ['socket', '--tpm2', '--tpmstate', `dir=${opts.stateDir},mode=0600`, '--ctrl', `type=unixio,path=${ctrlSocket},mode=0600`, ...(opts.init === false ? [] : ['--flags', 'not-need-init']), '--pid', `file=${join(runDir, 'swtpm.pid')}`];
   if (opts.key) args.push('--key', `fd=${KEY_FD},mode=aes-256-cbc,format=binary`);
   if (dataSocket) args.push('--server', `type=unixio,path=${dataSocket},mode=0600`);
   if (opts.log) {

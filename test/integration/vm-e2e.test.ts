@@ -138,7 +138,7 @@ test('vm start boots a real guest from a shielded disk with an encrypted vTPM; a
   assert.equal(vm.vtpmProvisioned, true);
   const audit = await cliOk<Json>([...A, 'vault', 'audit', '--limit', '200']);
   const actions = audit.entries.map((e: Json) => `${e.action}:${e.outcome}`);
-  for (const a of ['vm.create:ok', 'kp.release:ok', 'vm.vtpm-provision:ok', 'vm.start:ok', 'vm.stop:ok']) assert.ok(actions.includes(a), `${a} in ${actions.join(' ')}`);
+  for (const a of ['vm.create:ok', 'kp.release:ok', 'kp.roll:ok', 'vm.vtpm-provision:ok', 'vm.start:ok', 'vm.stop:ok']) assert.ok(actions.includes(a), `${a} in ${actions.join(' ')}`);
 
   // ---- exfiltration: the disk and the vTPM state on another host --------------------------------
   const pp = secretFile(dir, 'b-pp', 'other host passphrase');
