@@ -8,6 +8,7 @@ import GuardiansView from './views/GuardiansView.svelte';
 import KeyProtectorsView from './views/KeyProtectorsView.svelte';
 import DisksView from './views/DisksView.svelte';
 import HostView from './views/HostView.svelte';
+import VmsView from './views/VmsView.svelte';
 
 export interface ViewEntry {
   /** The URL fragment: #/vault */
@@ -23,6 +24,7 @@ export const views: readonly [ViewEntry, ...ViewEntry[]] = [
   { id: 'guardians', label: 'Guardians', needs: 'unlocked', component: GuardiansView },
   { id: 'key-protectors', label: 'Key protectors', needs: 'unlocked', component: KeyProtectorsView },
   { id: 'disks', label: 'Disks', needs: 'unlocked', component: DisksView },
+  { id: 'vms', label: 'VMs', needs: 'unlocked', component: VmsView },
   { id: 'host', label: 'Host health', needs: 'unlocked', component: HostView },
   { id: 'audit', label: 'Audit', needs: 'unlocked', component: AuditView },
 ];

@@ -51,7 +51,7 @@ test('guardians and key protectors: back up, attest, create, inspect, release, g
     await page.getByLabel('Confirm passphrase').fill(PASSPHRASE);
     await page.getByRole('button', { name: 'Create vault' }).click();
     await expect(page.getByTestId('status-vault')).toHaveText('Unlocked');
-    await expect(page.getByRole('navigation', { name: 'Main' }).getByRole('link')).toHaveText(['Vault', 'Guardians', 'Key protectors', 'Disks', 'Host health', 'Audit']);
+    await expect(page.getByRole('navigation', { name: 'Main' }).getByRole('link')).toHaveText(['Vault', 'Guardians', 'Key protectors', 'Disks', 'VMs', 'Host health', 'Audit']);
   });
 
   await test.step('create a guardian: it is not backed up', async () => {

@@ -37,7 +37,7 @@ test('create a vault, keep a secret, lock, unlock, read the audit trail', async 
     await expect(page.getByRole('heading', { name: 'Create the vault' })).toBeVisible();
     await expect(page.getByTestId('status-vault')).toHaveText('No vault');
     await page.screenshot({ path: join(ROOT, 'test-results/e2e-create.png'), fullPage: true });
-    await expect(page.getByRole('navigation', { name: 'Main' }).getByRole('link')).toHaveText(['Vault', 'Guardians', 'Key protectors', 'Disks', 'Host health', 'Audit']);
+    await expect(page.getByRole('navigation', { name: 'Main' }).getByRole('link')).toHaveText(['Vault', 'Guardians', 'Key protectors', 'Disks', 'VMs', 'Host health', 'Audit']);
     // The stylesheet loaded under the CSP: the side navigation has its dark background.
     await expect(page.getByRole('navigation', { name: 'Main' })).toHaveCSS('background-color', 'rgb(39, 49, 62)');
   });

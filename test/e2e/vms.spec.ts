@@ -1,0 +1,204 @@
+// The VMs view end to end, in web mode, with a real guest: a raw disk whose first sector holds a
+// random marker is shielded through the API (owner guardian backed up, this host's key registered,
+// as test/integration/vm-e2e.test.ts does with the CLI). In the page: the create wizard
+// (encryption-supported, the busybox test guest's kernel and initrd under "Advanced"), the VM listed
+// stopped; Start → running under TCG → the guest reads the disk, prints its report on the serial
+// console and powers off → stopped again, "the guest shut down". A second VM, whose disk's key
+// protector allows TPM attestation only, is refused with the reason in words; it is deleted after
+// typing its name. Host health at a glance follows a revocation.
+// Skips only when the guest's pieces or swtpm are missing and CI is not set.
+import { randomBytes } from 'node:crypto';
+import { existsSync, linkSync } from 'node:fs';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { expect, test, type Locator, type Page } from '@playwright/test';
+import { buildGuest, CONSOLE_PREFIX, guestMissing, ovmfMissing, type Guest } from '../helpers/guest.ts';
+import { swtpmMissing } from '../helpers/swtpm.ts';
+import { call, ROOT, serve, stop, watchForErrors, type Serving } from './serve.ts';
+
+const missing = guestMissing() ?? swtpmMissing() ?? ovmfMissing();
+test.skip(missing !== null, missing ?? '');
+
+const MiB = 1024 * 1024;
+const OWNER = 'vm-owner';
+const MARKER = `SHIELDLAB-MARKER-${randomBytes(12).toString('hex')}`;
+
+let server: Serving;
+let files: string;
+let guest: Guest;
+let lab: string;
+let tpmOnly: string;
+test.beforeAll(async () => {
+  guest = buildGuest();
+  files = await mkdtemp(join(tmpdir(), 'shieldlab-e2e-vms-'));
+  server = await serve();
+  await call(server, 'vault.init', { keychain: false, passphrase: 'correct horse battery staple', kdfMemoryMib: 16 });
+  await call(server, 'guardian.create', { name: OWNER });
+  await call(server, 'guardian.export', { name: OWNER, pfx: true, outDir: join(files, 'backup'), password: 'pfx-Backup-Passw0rd' });
+  await call(server, 'host.registerKey', {});
+  const raw = Buffer.alloc(4 * MiB);
+  raw.write(MARKER, 0, 'ascii');
+  randomBytes(raw.length - 512).copy(raw, 512);
+  await writeFile(join(files, 'in.raw'), raw);
+  lab = join(files, 'lab.vhdx');
+  tpmOnly = join(files, 'tpm-only.vhdx');
+  await call(server, 'disk.shield', { input: join(files, 'in.raw'), out: lab, owner: OWNER, allowMode: ['host-key'] });
+  await call(server, 'disk.shield', { input: join(files, 'in.raw'), out: tpmOnly, owner: OWNER, allowMode: ['tpm'] });
+  await call(server, 'vm.create', { name: 'tpm-only', disk: tpmOnly, memory: 256, cpus: 1, level: 'encryption-supported', kernel: guest.kernel, initrd: guest.initrd });
+});
+test.afterAll(async () => {
+  if (server) {
+    await call(server, 'vm.stop', { name: 'lab', force: true }).catch(() => undefined);
+    await stop(server);
+  }
+  if (files) await rm(files, { recursive: true, force: true });
+});
+
+function row(page: Page, name: string): Locator {
+  return page.locator(`[data-testid="vm-row"][data-vm="${name}"]`);
+}
+
+/** The row under a VM's row: its refusal, how its last run ended, confirmations. */
+function detail(page: Page, name: string): Locator {
+  return row(page, name).locator('xpath=following-sibling::tr[1]');
+}
+
+/**
+ * The serial console log lives in the VM's run folder, which goes when the VM stops: a hard link
+ * made as soon as QEMU creates it keeps what the guest wrote.
+ */
+async function keepConsoleLog(name: string, deadline: number): Promise<string | null> {
+  const log = join(server.home, 'vms', name, 'run', 'console.log');
+  const kept = join(files, `${name}-console.log`);
+  while (Date.now() < deadline) {
+    if (existsSync(log)) {
+      try {
+        linkSync(log, kept);
+        return kept;
+      } catch {
+        // gone again between the two calls: try once more
+      }
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return null;
+}
+
+test('VMs: create in the wizard, start a real guest that stops by itself, a refused start in words, delete after typing the name', async ({ page }) => {
+  test.setTimeout(240_000);
+  const errors = watchForErrors(page);
+  const wizard = page.getByRole('region', { name: 'Create a VM' });
+  const list = page.getByRole('region', { name: 'Virtual machines' });
+
+  await test.step('the view: navigation, host health at a glance, the VM made through the API', async () => {
+    await page.goto(server.url);
+    await expect(page.getByTestId('status-vault')).toHaveText('Unlocked');
+    await page.getByRole('navigation', { name: 'Main' }).getByRole('link', { name: 'VMs' }).click();
+    await expect(page).toHaveURL(/#\/vms$/);
+    await expect(page.getByRole('heading', { name: 'VMs', level: 1 })).toBeVisible();
+    await expect(page.getByTestId('vm-host-cert')).toHaveText('none');
+    await expect(page.getByTestId('vm-host-modes')).toHaveText('host-key');
+    await expect(page.getByTestId('vm-host-accel')).toContainText(existsSync('/dev/kvm') ? /KVM|TCG/ : /TCG/);
+    await expect(page.getByRole('region', { name: 'Host health at a glance' }).getByRole('link', { name: 'Host health' }).first()).toHaveAttribute('href', '#/host');
+    await expect(row(page, 'tpm-only').getByTestId('vm-state')).toHaveText('stopped');
+    await expect(row(page, 'tpm-only').getByTestId('vm-level')).toHaveText('encryption-supported');
+    await expect(row(page, 'tpm-only').getByTestId('vm-level')).toHaveAttribute('title', /admin keeps a console/);
+  });
+
+  await test.step('the wizard: disk (its summary), resources, level with the lab kernel, review, create', async () => {
+    await wizard.getByLabel('VM name').fill('lab');
+    await wizard.getByLabel('Shielded disk (.vhdx)').fill(join(files, 'missing.vhdx'));
+    await wizard.getByRole('button', { name: 'Read disk' }).click();
+    await expect(wizard.getByRole('alert')).toContainText('Not a shielded disk this host can read');
+    await wizard.getByLabel('Shielded disk (.vhdx)').fill(lab);
+    await wizard.getByRole('button', { name: 'Read disk' }).click();
+    const summary = wizard.getByTestId('vm-disk-summary');
+    await expect(summary).toContainText(OWNER);
+    await expect(summary).toContainText('held here');
+    await expect(summary).toContainText('host-key');
+    await expect(summary).toContainText('encryption only');
+    await wizard.getByRole('button', { name: 'Next' }).click();
+
+    await wizard.getByLabel('Memory (MiB)').fill('256');
+    await wizard.getByLabel('CPUs').fill('1');
+    await wizard.getByRole('button', { name: 'Next' }).click();
+
+    await expect(wizard.getByRole('radio', { name: /Shielded/ })).toBeChecked();
+    await expect(wizard.getByText('no display, serial console, monitor or debugger')).toBeVisible();
+    await wizard.getByRole('radio', { name: 'Encryption supported' }).check();
+    await expect(wizard.getByLabel('Console')).toHaveValue('serial-log');
+    await wizard.getByText('Advanced (lab guests)').click();
+    await wizard.getByLabel('Kernel', { exact: true }).fill(guest.kernel);
+    await wizard.getByLabel('Initrd').fill(guest.initrd);
+    await wizard.getByLabel('Kernel command line').fill('console=ttyS0 quiet panic=-1');
+    await wizard.getByRole('button', { name: 'Next' }).click();
+
+    const review = wizard.getByTestId('vm-review');
+    await expect(review).toContainText('lab.vhdx');
+    await expect(review).toContainText('256 MiB · 1 CPU');
+    await expect(review).toContainText('encryption-supported (console: serial log)');
+    await expect(review).toContainText('initramfs.cpio');
+    await wizard.getByRole('button', { name: 'Create VM' }).click();
+    await expect(wizard.getByTestId('vm-created')).toHaveText('Created VM lab (encryption-supported, stopped). Start it from the list.');
+    await expect(row(page, 'lab').getByTestId('vm-state')).toHaveText('stopped');
+    await expect(row(page, 'lab')).toContainText('256 MiB · 1 CPU');
+    await expect(row(page, 'lab')).toContainText('lab.vhdx');
+  });
+
+  await test.step('Start: running under TCG, the guest reads the marker through the shielded disk and powers off', async () => {
+    const kept = keepConsoleLog('lab', Date.now() + 120_000);
+    await list.getByRole('button', { name: 'Start lab' }).click();
+    await expect(row(page, 'lab').getByTestId('vm-state')).toHaveText(/starting|running/);
+    await expect(row(page, 'lab').getByTestId('vm-state')).toHaveText('running', { timeout: 60_000 });
+    if (!existsSync('/dev/kvm')) await expect(row(page, 'lab').getByTestId('vm-accel')).toContainText('TCG');
+    await expect(list.getByRole('button', { name: 'Stop lab', exact: true })).toBeVisible();
+    await expect(list.getByRole('button', { name: 'Delete lab' })).toHaveCount(0);
+    // The host attested by itself for the start.
+    await expect(row(page, 'lab').getByTestId('vm-state')).toHaveText('stopped', { timeout: 90_000 });
+    await expect(detail(page, 'lab').getByTestId('vm-ended')).toHaveText('The last run ended: the guest shut down.');
+    await expect(row(page, 'lab')).toContainText('vTPM provisioned');
+    const log = await kept;
+    expect(log, 'the console log appeared').not.toBeNull();
+    const text = await readFile(log!, 'utf8');
+    const line = text.split('\n').find((l) => l.includes(CONSOLE_PREFIX));
+    expect(line, text.slice(-2000)).toBeDefined();
+    const report = JSON.parse(line!.slice(line!.indexOf(CONSOLE_PREFIX) + CONSOLE_PREFIX.length)) as { marker: string; tpm: { present: boolean } };
+    expect(report.marker).toBe(MARKER);
+    expect(report.tpm.present).toBe(true);
+  });
+
+  await test.step('a refused start says why in words', async () => {
+    await page.reload();
+    await expect(page.getByTestId('vm-host-cert')).toHaveText('valid');
+    await expect(page.getByTestId('vm-host-mode')).toHaveText('host-key');
+    await expect(row(page, 'lab').getByTestId('vm-last-run')).toHaveText('last run: the guest powered off (or QEMU was told to quit)');
+    await list.getByRole('button', { name: 'Start tpm-only' }).click();
+    const refusal = detail(page, 'tpm-only').getByTestId('vm-refusal');
+    await expect(refusal).toContainText('tpm-only did not start.');
+    await expect(refusal.getByTestId('vm-refusal-sentence')).toHaveText('The disk’s key protector does not allow the attestation mode this host attested with.');
+    await expect(refusal.getByTestId('vm-refusal-said')).toContainText('allows tpm attestation; this host attested with host-key');
+    await expect(row(page, 'tpm-only').getByTestId('vm-state')).toHaveText('stopped');
+    await page.screenshot({ path: join(ROOT, 'test-results/e2e-vms.png'), fullPage: true });
+  });
+
+  await test.step('delete after typing the name; host health follows a revocation', async () => {
+    await list.getByRole('button', { name: 'Delete tpm-only' }).click();
+    const confirm = list.getByRole('button', { name: 'Confirm delete tpm-only' });
+    await expect(confirm).toBeDisabled();
+    await list.getByLabel('Type the VM’s name to confirm').fill('tpm-onl');
+    await expect(confirm).toBeDisabled();
+    await list.getByLabel('Type the VM’s name to confirm').fill('tpm-only');
+    await confirm.click();
+    await expect(row(page, 'tpm-only')).toHaveCount(0);
+    await expect(row(page, 'lab')).toHaveCount(1);
+    expect((await call(server, 'vm.list', {})).vms.map((v) => v.name)).toEqual(['lab']);
+    expect(existsSync(tpmOnly), 'the disk file stays').toBe(true);
+
+    await call(server, 'host.revokeCertificates', {});
+    await page.reload();
+    await expect(page.getByTestId('vm-host-cert')).toHaveText('revoked');
+  });
+
+  expect(errors).toEqual([]);
+});
