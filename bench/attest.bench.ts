@@ -60,17 +60,13 @@ import { buildEventLog } from '../core/attestation/eventlog-build.ts';
 import { Tpm } from '../core/tpm/mod.ts';
 import { bootEvents } from '../test/helpers/eventlog.ts';
 import { measureLog, startSwtpm } from '../test/helpers/swtpm.ts';
+import { benchArgs } from './args.ts';
 
 const MiB = 1024 * 1024;
 const ROOT = resolve(import.meta.dirname, '..');
 const CLI = join(ROOT, 'bin/shieldlab.js');
 const PCRS = [0, 1, 2, 3, 4, 5, 6, 7];
-const argv = process.argv.slice(2);
-const json = argv.includes('--json');
-const opt = (name: string, dflt: string) => {
-  const i = argv.indexOf(name);
-  return i >= 0 ? argv[i + 1] ?? '' : dflt;
-};
+const { argv, json, opt } = benchArgs();
 const RUNS = Number(opt('--runs', '200'));
 const PEER_RUNS = Number(opt('--peer-runs', String(Math.max(5, Math.round(RUNS / 4)))));
 const CLI_RUNS = Number(opt('--cli-runs', String(Math.min(10, PEER_RUNS))));

@@ -43,17 +43,13 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { ShieldedDisk } from '../core/shield/mod.ts';
+import { benchArgs } from './args.ts';
 
 const MiB = 1024 * 1024;
 const ROOT = resolve(import.meta.dirname, '..');
 const CLI = join(ROOT, 'bin/shieldlab.js');
 const MOD = pathToFileURL(join(ROOT, 'core/shield/mod.ts')).href;
-const argv = process.argv.slice(2);
-const json = argv.includes('--json');
-const opt = (name: string, dflt: string) => {
-  const i = argv.indexOf(name);
-  return i >= 0 ? argv[i + 1] ?? '' : dflt;
-};
+const { argv, json, opt } = benchArgs();
 const SIZE = Number(opt('--size-mib', '1024')) * MiB;
 const RUNS = Number(opt('--runs', '5'));
 const SETTLE_MS = Number(opt('--settle-ms', '3000'));

@@ -29,18 +29,14 @@ import { closeSync, existsSync, ftruncateSync, mkdtempSync, openSync, readFileSy
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
+import { benchArgs } from './args.ts';
 
 const MiB = 1024 * 1024;
 const BLOCK = 32 * MiB;
 const ROOT = resolve(import.meta.dirname, '..');
 const CLI = join(ROOT, 'bin/shieldlab.js');
 const MOD = pathToFileURL(join(ROOT, 'core/vhdx/mod.ts')).href;
-const argv = process.argv.slice(2);
-const json = argv.includes('--json');
-const opt = (name: string, dflt: string) => {
-  const i = argv.indexOf(name);
-  return i >= 0 ? argv[i + 1] ?? '' : dflt;
-};
+const { argv, json, opt } = benchArgs();
 const RUNS = Number(opt('--runs', '5'));
 const SIZE = Number(opt('--size-mib', '1024')) * MiB;
 const KINDS = opt('--inputs', 'sparse,dense,random').split(',') as Kind[];
