@@ -8,7 +8,8 @@ import { sambaMissing, startDc, type Dc, type DirObject } from '../helpers/samba
 import { call, serve, stop, watchForErrors, type Serving } from './serve.ts';
 
 const missing = sambaMissing();
-test.skip(missing !== null, missing ?? '');
+// Only outside CI, and only for the component named: under CI=true the helper above has thrown already.
+test.skip(missing !== null && process.env.CI !== 'true', `skipped: ${missing ?? ''}`);
 
 const SVC_PASSWORD = 'Svc!Passw0rd-e2e';
 let server: Serving;

@@ -15,7 +15,8 @@ import { measureLog, startSwtpm, swtpmMissing, type Swtpm } from '../helpers/swt
 import { call, ROOT, serve, stop, watchForErrors, type Serving } from './serve.ts';
 
 const missing = swtpmMissing();
-test.skip(missing !== null, missing ?? '');
+// Only outside CI, and only for the component named: under CI=true the helper above has thrown already.
+test.skip(missing !== null && process.env.CI !== 'true', `skipped: ${missing ?? ''}`);
 
 /** A db update that adds one CA: the PCR 7 event firmware would measure after it. */
 const dbUpdate = {

@@ -18,7 +18,8 @@ import { swtpmMissing } from '../helpers/swtpm.ts';
 import { call, ROOT, serve, stop, watchForErrors, type Serving } from './serve.ts';
 
 const missing = guestMissing() ?? swtpmMissing() ?? ovmfMissing();
-test.skip(missing !== null, missing ?? '');
+// Only outside CI, and only for the component named: under CI=true the helper above has thrown already.
+test.skip(missing !== null && process.env.CI !== 'true', `skipped: ${missing ?? ''}`);
 
 const MiB = 1024 * 1024;
 const OWNER = 'vm-owner';
