@@ -43,7 +43,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { ShieldedDisk } from '../core/shield/mod.ts';
-import { benchArgs } from './args.ts';
+import { GNU_TIME, benchArgs, exitUnlessTool } from './args.ts';
 
 const MiB = 1024 * 1024;
 const ROOT = resolve(import.meta.dirname, '..');
@@ -59,11 +59,8 @@ if (!Number.isInteger(RUNS) || RUNS < 1 || !Number.isSafeInteger(SIZE) || SIZE <
   process.stderr.write('usage: shield.bench.ts [--size-mib M (>= 4)] [--runs N] [--settle-ms MS] [--no-cli] [--cli-integrity] [--json]\n');
   process.exit(2);
 }
-if (spawnSync('sh', ['-c', 'command -v qemu-img']).status !== 0) {
-  process.stderr.write('shield bench: qemu-img not found (Debian: qemu-utils); skipped.\n');
-  process.exit(0);
-}
-const TIME = existsSync('/usr/bin/time') && spawnSync('/usr/bin/time', ['-f', '%M', 'true']).status === 0 ? '/usr/bin/time' : null;
+exitUnlessTool('shield', 'qemu-img', 'qemu-utils');
+const TIME = GNU_TIME;
 const LUKS_SECRET = 'bench-passphrase';
 const LUKS_OPTS = 'key-secret=s0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,iter-time=10';
 

@@ -29,7 +29,7 @@ import { closeSync, existsSync, ftruncateSync, mkdtempSync, openSync, readFileSy
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { benchArgs } from './args.ts';
+import { GNU_TIME, benchArgs, exitUnlessTool } from './args.ts';
 
 const MiB = 1024 * 1024;
 const BLOCK = 32 * MiB;
@@ -50,11 +50,8 @@ if (
   process.stderr.write('usage: vhdx-convert.bench.ts [--runs N] [--size-mib M (>= 32)] [--inputs sparse,dense,random] [--settle-ms MS] [--json]\n');
   process.exit(2);
 }
-if (spawnSync('sh', ['-c', 'command -v qemu-img']).status !== 0) {
-  process.stderr.write('vhdx-convert bench: qemu-img not found (Debian: qemu-utils); skipped.\n');
-  process.exit(0);
-}
-const TIME = existsSync('/usr/bin/time') && spawnSync('/usr/bin/time', ['-f', '%M', 'true']).status === 0 ? '/usr/bin/time' : null;
+exitUnlessTool('vhdx-convert', 'qemu-img', 'qemu-utils');
+const TIME = GNU_TIME;
 
 const root = mkdtempSync(join(tmpdir(), 'shieldlab-vhdx-bench-'));
 const home = join(root, 'home'); // the CLI's --home: conversions need no vault, and none is made
