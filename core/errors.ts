@@ -53,6 +53,8 @@ export const ERROR_CODES = [
   'tpm_malformed',
   'eventlog_invalid',
   'vtpm_state_invalid',
+  'vm_running',
+  'secure_boot_unavailable',
   'cancelled',
   'unauthorized',
   'forbidden',

@@ -88,9 +88,16 @@ function run(): void {
   });
   // One window; closing it ends the session (on macOS too): keys leave memory with the process.
   app.on('window-all-closed', () => app.quit());
-  app.on('will-quit', () => {
+  // VMs started from the window run in this process (it serves their disks): power them down before quitting.
+  let shutDown = false;
+  app.on('will-quit', (event) => {
+    if (shutDown) return;
+    event.preventDefault();
     ipc.dispose();
-    shield.close();
+    void shield.shutdown().finally(() => {
+      shutDown = true;
+      app.quit();
+    });
   });
 
   app

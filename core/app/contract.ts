@@ -432,15 +432,22 @@ export type VmInfo = z.infer<typeof VmInfo>;
 export const VmRun = z.object({
   name: z.string(),
   level: SecurityLevel,
-  status: z.enum(['stopped', 'crashed']),
-  cause: z.enum(['guest', 'stop', 'qemu', 'swtpm', 'nbd']),
+  /** running: a detached start returned once the VM ran; stopped/crashed: how a foreground run ended. */
+  status: z.enum(['running', 'stopped', 'crashed']),
+  cause: z.enum(['guest', 'stop', 'qemu', 'swtpm', 'nbd']).nullable(),
   reason: z.string(),
   accel: Accelerator,
   secureBoot: z.boolean(),
   vtpmProvisioned: z.boolean(),
   startedAt: z.string(),
-  stoppedAt: z.string(),
+  stoppedAt: z.string().nullable(),
   qemuExit: z.object({ code: z.number().nullable(), signal: z.string().nullable() }).nullable(),
+  /** The process that owns the running VM (serves its disk): detached starts only. */
+  pid: z.number().nullable(),
+  qemuPid: z.number().nullable(),
+  consoleAt: z.string().nullable(),
+  /** Detached from the CLI: where the supervisor process writes what it says (no secrets). */
+  supervisorLog: z.string().nullable(),
 });
 
 export const contract = {
@@ -922,10 +929,11 @@ export const contract = {
     needs: 'unlocked',
   }),
   'vm.start': method({
-    summary: 'Start a VM and run it until it stops (Ctrl-C, SIGTERM or `vm stop`): attest, release the key, serve the disk, start the encrypted vTPM, launch QEMU',
+    summary: 'Start a VM: attest, release the key, serve the disk, start the encrypted vTPM, launch QEMU. Runs until it stops (Ctrl-C, SIGTERM or `vm stop`), or with --detach returns once it runs',
     cli: { path: ['vm', 'start'], positional: ['name'] },
     args: z.object({
       name: vmName,
+      detach: z.boolean().default(false).describe('return once the VM runs: from the CLI a supervisor process keeps it running; in the app and web mode the app process does, until it quits'),
       testChannel: path.optional().describe('TEST ONLY (encryption-supported level): connect a virtio-serial port named org.shieldlab.test to this Unix socket'),
       powerDownTimeout: z.number().int().min(1).max(3600).default(60).describe('seconds an ACPI power-down may take on Ctrl-C before the VM is stopped hard'),
     }),
@@ -986,7 +994,7 @@ export const ProgressEvent = z.object({
   phase: z.string(),
   done: z.number(),
   total: z.number(),
-  unit: z.enum(['records', 'bytes']),
+  unit: z.enum(['records', 'bytes', 'steps']),
 });
 export const StateEvent = z.object({ type: z.literal('state'), unlocked: z.boolean(), reason: z.string().optional() });
 export const AppEvent = z.discriminatedUnion('type', [ProgressEvent, StateEvent]);

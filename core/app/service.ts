@@ -117,6 +117,18 @@ export class ShieldLabApp {
     return this.vault?.unlocked ?? false;
   }
 
+  /**
+   * Before the process quits: VMs it runs detached (started from the app or web mode) are powered
+   * down — their disks are served from this process — then the vault is closed.
+   */
+  async shutdown(opts: { vmTimeoutMs?: number } = {}): Promise<void> {
+    if (this.lazyHandlers !== null) {
+      const { stopDetachedRuns } = await import('./vm-handlers.ts');
+      await stopDetachedRuns(opts.vmTimeoutMs);
+    }
+    this.close();
+  }
+
   close(): void {
     if (this.idleTimer) clearTimeout(this.idleTimer);
     this.vault?.close();
@@ -174,7 +186,7 @@ export class ShieldLabApp {
     return p;
   }
 
-  private progress(ctx: CallContext, method: MethodName, phase: string, unit: 'records' | 'bytes') {
+  private progress(ctx: CallContext, method: MethodName, phase: string, unit: 'records' | 'bytes' | 'steps') {
     return (done: number, total: number) => {
       const e: ProgressEvent = { type: 'progress', callId: ctx.callId ?? '', method, phase, done, total, unit };
       ctx.onProgress?.(e);
@@ -339,7 +351,7 @@ export class ShieldLabApp {
 
       ...guardianHandlers(() => this.unlocked()),
       ...diskHandlers(() => this.unlocked(), (ctx, method, phase) => this.progress(ctx, method, phase, 'bytes')),
-      ...vmHandlers(() => this.unlocked()),
+      ...vmHandlers(() => this.unlocked(), (ctx, phase, done, total) => this.progress(ctx, 'vm.start', phase, 'steps')(done, total)),
 
       'vault.settings': async (args) => {
         const v = this.unlocked();

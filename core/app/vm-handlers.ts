@@ -29,7 +29,7 @@ import { AttestationService } from '../attestation/service.ts';
 import { ShieldedDisk, readShieldItem } from '../shield/mod.ts';
 import { deriveVtpmKey, promoteNext, readMarker, rekeyVtpmState, settleVtpmState, stateFolders } from '../vtpm/mod.ts';
 import { chooseAccel } from '../hypervisor/qemu.ts';
-import { checkName, isActive, readState, startVm, stopFromOutside, vmPaths, type RunningVm, type VmRecord } from '../hypervisor/vm.ts';
+import { acquireStartLock, checkName, isActive, readState, reapOrphans, startVm, stopFromOutside, vmPaths, type RunningVm, type VmExit, type VmRecord } from '../hypervisor/vm.ts';
 import type { MethodName, ParsedArgs, Result, VmInfo } from './contract.ts';
 import { lastSeenGeneration, rememberGeneration } from './disk-handlers.ts';
 import { held, registerKp, storeOf } from './guardian-handlers.ts';
@@ -37,6 +37,26 @@ import type { CallContext } from './service.ts';
 
 type Handler<M extends MethodName> = (args: ParsedArgs<M>, ctx: CallContext) => Promise<Result<M>>;
 type VmMethods = Extract<MethodName, `vm.${string}`>;
+/** A start's steps, for the progress bar: attest, release and roll, vTPM, QEMU. */
+type Steps = (ctx: CallContext, phase: string, done: number, total: number) => void;
+const START_STEPS = 4;
+
+/**
+ * Detached runs owned by this process (the app or web mode): they outlive the call that started
+ * them and end with the process — stopDetachedRuns powers them down first.
+ */
+const detached = new Map<string, RunningVm>();
+
+/** ACPI power-down of every VM this process runs detached, then a hard stop after the timeout. */
+export async function stopDetachedRuns(timeoutMs = 30_000): Promise<void> {
+  await Promise.all([...detached.values()].map((run) => run.stop({ timeoutMs })));
+}
+
+/** Leftovers of a run whose owner died (QEMU, swtpm) are stopped, and the crash audited, before the state is read. */
+function reaped(v: Vault, name: string): void {
+  const why = reapOrphans(vmPaths(v.home, name));
+  if (why !== null) v.record({ action: 'vm.crash', outcome: 'failed', subject: name, reason: why });
+}
 
 function loadVm(v: Vault, name: string): VmRecord {
   checkName(name);
@@ -50,6 +70,7 @@ function saveVm(v: Vault, vm: VmRecord): void {
 
 function infoOf(v: Vault, vm: VmRecord): VmInfo {
   const paths = vmPaths(v.home, vm.name);
+  reaped(v, vm.name);
   const s = readState(paths);
   const now = chooseAccel();
   let provisioned = false;
@@ -103,7 +124,94 @@ async function ensureAttested(a: AttestationService, modes: readonly string[]): 
   // Otherwise the release gate refuses, with its reason (no or wrong health certificate).
 }
 
-export function vmHandlers(vault: () => Vault): { [M in VmMethods]: Handler<M> } {
+export function vmHandlers(vault: () => Vault, steps: Steps = () => undefined): { [M in VmMethods]: Handler<M> } {
+
+  /** Attest → release → roll the KP (and the vTPM state with it) → startVm. The caller holds the start lock. */
+  async function startLocked(v: Vault, vm: VmRecord, args: ParsedArgs<'vm.start'>, ctx: CallContext): Promise<RunningVm> {
+    const paths = vmPaths(v.home, vm.name);
+    steps(ctx, 'reading the shielded disk', 0, START_STEPS);
+    const { item } = await readShieldItem(vm.disk);
+    if (item.diskId !== vm.diskId) {
+      v.record({ action: 'vm.start', outcome: 'refused', subject: vm.name, reason: 'disk_replaced' });
+      throw new ShieldError('shield_tampered', `${vm.disk} is another disk than the one VM ${vm.name} was created with (disk ID ${item.diskId}, expected ${vm.diskId}).`);
+    }
+    steps(ctx, 'attesting this host', 1, START_STEPS);
+    const a = new AttestationService(v);
+    await ensureAttested(a, parseKeyProtector(item.kp).authorization.policy.modes);
+    steps(ctx, 'releasing the key and rolling the key protector', 2, START_STEPS);
+    // The release gate: KP signatures, a guardian held here, a valid health certificate, policy. Audited.
+    const released = releaseTransportKey(item.kp, { vault: v, guardians: storeOf(v), attestation: a, healthCertificate: a.currentEncoded(), purpose: `vm.start ${vm.name}` });
+    const folders = stateFolders(paths.tpm);
+    const oldKey = deriveVtpmKey(released.transportKey);
+    let disk: ShieldedDisk | undefined;
+    let rolled: { bytes: Buffer; transportKey: Buffer } | undefined;
+    let vtpmKey: Buffer | undefined;
+    let committed = false;
+    try {
+      // 0. What a crashed roll left, settled with the key the disk's KP gives now.
+      const settled = settleVtpmState(folders, oldKey);
+      if (settled !== 'clean') v.record({ action: 'kp.roll', outcome: 'ok', subject: vm.name, reason: settled === 'finished' ? 'recovered: finished an interrupted roll' : 'recovered: dropped an unfinished roll' });
+      disk = await ShieldedDisk.open(vm.disk, released.transportKey, {
+        lastSeenGeneration: item.integrity ? lastSeenGeneration(v, item.diskId) : null,
+        onIntegrityEvent: (e) => v.record({ action: `disk.integrity.${e.kind}`, outcome: e.kind === 'violation' ? 'refused' : 'ok', subject: vm.disk, reason: e.message }),
+      });
+      // 1. KP_new.
+      const kpOld = parseKeyProtector(item.kp);
+      const s = storeOf(v);
+      const ownerHere = s.list().find((g) => g.signing.thumbprint === kpOld.authorization.owner && g.hasPrivateKeys)?.name;
+      rolled = rollKeyProtector(kpOld, held(s, ownerHere ?? released.guardian));
+      const newKey = deriveVtpmKey(rolled.transportKey);
+      vtpmKey = newKey;
+      // 2. The vTPM state under the new key, in tpm.next. Unprovisioned state (a first start that
+      // died while provisioning) holds nothing of value: it goes, and is provisioned under the new key.
+      const provisioned = readMarker(paths.tpm) !== null;
+      if (provisioned) {
+        await rekeyVtpmState({ from: folders.current, to: folders.next, oldKey, newKey, runDir: join(paths.run, 'tpm-rekey') });
+        rmSync(join(paths.run, 'tpm-rekey'), { recursive: true, force: true });
+      } else {
+        rmSync(folders.current, { recursive: true, force: true });
+      }
+      crashPoint('after-vtpm-rekey');
+      // 3. The commit point.
+      await disk.reseal({ kp: rolled.bytes, transportKey: rolled.transportKey });
+      committed = true;
+      const kpNew = parseKeyProtector(rolled.bytes);
+      registerKp(v, kpNew, vm.disk);
+      v.record({ action: 'kp.roll', outcome: 'ok', subject: vm.name, reason: `${kpNew.authorization.kpId} v${kpOld.keyBlock.version} → v${kpNew.keyBlock.version}${provisioned ? ', vTPM state re-keyed' : ''}` });
+      crashPoint('after-reseal');
+      // 4. The switch.
+      if (provisioned) promoteNext(folders, () => crashPoint('mid-switch'));
+    } catch (err) {
+      if (!committed) rmSync(folders.next, { recursive: true, force: true });
+      if (vtpmKey) wipe(vtpmKey);
+      await disk?.close().catch(() => undefined);
+      if ((err as { code?: string }).code === 'shield_rollback') v.record({ action: 'vm.start', outcome: 'refused', subject: vm.name, reason: 'rollback' });
+      else if (disk) v.record({ action: 'kp.roll', outcome: 'failed', subject: vm.name, reason: String((err as { code?: string }).code ?? err) });
+      throw err;
+    } finally {
+      wipe(released.transportKey);
+      wipe(oldKey);
+      if (rolled) wipe(rolled.transportKey);
+    }
+    if (disk.integrity) rememberGeneration(v, disk.diskId, disk.generation);
+    try {
+      steps(ctx, 'starting the vTPM and QEMU', 3, START_STEPS);
+      return await startVm({
+        home: v.home,
+        vm,
+        disk,
+        vtpmKey,
+        ekCa: held(storeOf(v), released.guardian),
+        audit: (e) => v.record(e),
+        powerDownTimeoutMs: args.powerDownTimeout * 1000,
+        ...(args.testChannel !== undefined ? { testChannel: args.testChannel } : {}),
+      });
+    } finally {
+      wipe(vtpmKey);
+      steps(ctx, 'running', START_STEPS, START_STEPS);
+    }
+  }
+
   return {
     'vm.create': async (args) => {
       const v = vault();
@@ -116,7 +224,7 @@ export function vmHandlers(vault: () => Vault): { [M in VmMethods]: Handler<M> }
       for (const f of [args.kernel, args.initrd]) if (f !== undefined && !existsSync(f)) throw new ShieldError('not_found', `${f} does not exist.`);
       const paths = vmPaths(v.home, args.name);
       const st = readState(paths);
-      if (isActive(st)) throw new ShieldError('already_exists', `Something runs as VM ${args.name} (pid ${st.pid}).`);
+      if (isActive(st)) throw new ShieldError('vm_running', `Something runs as VM ${args.name} (pid ${st.pid}).`, { details: { pid: st.pid } });
       const vm: VmRecord = {
         name: args.name,
         disk,
@@ -139,87 +247,28 @@ export function vmHandlers(vault: () => Vault): { [M in VmMethods]: Handler<M> }
       const v = vault();
       const vm = loadVm(v, args.name);
       const paths = vmPaths(v.home, vm.name);
+      reaped(v, vm.name);
       const st = readState(paths);
-      if (isActive(st)) throw new ShieldError('already_exists', `VM ${vm.name} is running already (pid ${st.pid}).`);
+      if (isActive(st)) throw new ShieldError('vm_running', `VM ${vm.name} is running already (pid ${st.pid}).`, { details: { pid: st.pid } });
       if (args.testChannel !== undefined && vm.level === 'shielded') {
         throw new ShieldError('invalid_argument', 'The test channel is a way out of the guest: it is refused for shielded VMs.', { details: { reason: 'test_channel_in_shielded' } });
       }
-      const { item } = await readShieldItem(vm.disk);
-      if (item.diskId !== vm.diskId) {
-        v.record({ action: 'vm.start', outcome: 'refused', subject: vm.name, reason: 'disk_replaced' });
-        throw new ShieldError('shield_tampered', `${vm.disk} is another disk than the one VM ${vm.name} was created with (disk ID ${item.diskId}, expected ${vm.diskId}).`);
-      }
-      const a = new AttestationService(v);
-      await ensureAttested(a, parseKeyProtector(item.kp).authorization.policy.modes);
-      // The release gate: KP signatures, a guardian held here, a valid health certificate, policy. Audited.
-      const released = releaseTransportKey(item.kp, { vault: v, guardians: storeOf(v), attestation: a, healthCertificate: a.currentEncoded(), purpose: `vm.start ${vm.name}` });
-      const folders = stateFolders(paths.tpm);
-      const oldKey = deriveVtpmKey(released.transportKey);
-      let disk: ShieldedDisk | undefined;
-      let rolled: { bytes: Buffer; transportKey: Buffer } | undefined;
-      let vtpmKey: Buffer | undefined;
-      let committed = false;
-      try {
-        // 0. What a crashed roll left, settled with the key the disk's KP gives now.
-        const settled = settleVtpmState(folders, oldKey);
-        if (settled !== 'clean') v.record({ action: 'kp.roll', outcome: 'ok', subject: vm.name, reason: settled === 'finished' ? 'recovered: finished an interrupted roll' : 'recovered: dropped an unfinished roll' });
-        disk = await ShieldedDisk.open(vm.disk, released.transportKey, {
-          lastSeenGeneration: item.integrity ? lastSeenGeneration(v, item.diskId) : null,
-          onIntegrityEvent: (e) => v.record({ action: `disk.integrity.${e.kind}`, outcome: e.kind === 'violation' ? 'refused' : 'ok', subject: vm.disk, reason: e.message }),
-        });
-        // 1. KP_new.
-        const kpOld = parseKeyProtector(item.kp);
-        const s = storeOf(v);
-        const ownerHere = s.list().find((g) => g.signing.thumbprint === kpOld.authorization.owner && g.hasPrivateKeys)?.name;
-        rolled = rollKeyProtector(kpOld, held(s, ownerHere ?? released.guardian));
-        const newKey = deriveVtpmKey(rolled.transportKey);
-        vtpmKey = newKey;
-        // 2. The vTPM state under the new key, in tpm.next. Unprovisioned state (a first start that
-        // died while provisioning) holds nothing of value: it goes, and is provisioned under the new key.
-        const provisioned = readMarker(paths.tpm) !== null;
-        if (provisioned) {
-          await rekeyVtpmState({ from: folders.current, to: folders.next, oldKey, newKey, runDir: join(paths.run, 'tpm-rekey') });
-          rmSync(join(paths.run, 'tpm-rekey'), { recursive: true, force: true });
-        } else {
-          rmSync(folders.current, { recursive: true, force: true });
-        }
-        crashPoint('after-vtpm-rekey');
-        // 3. The commit point.
-        await disk.reseal({ kp: rolled.bytes, transportKey: rolled.transportKey });
-        committed = true;
-        const kpNew = parseKeyProtector(rolled.bytes);
-        registerKp(v, kpNew, vm.disk);
-        v.record({ action: 'kp.roll', outcome: 'ok', subject: vm.name, reason: `${kpNew.authorization.kpId} v${kpOld.keyBlock.version} → v${kpNew.keyBlock.version}${provisioned ? ', vTPM state re-keyed' : ''}` });
-        crashPoint('after-reseal');
-        // 4. The switch.
-        if (provisioned) promoteNext(folders, () => crashPoint('mid-switch'));
-      } catch (err) {
-        if (!committed) rmSync(folders.next, { recursive: true, force: true });
-        if (vtpmKey) wipe(vtpmKey);
-        await disk?.close().catch(() => undefined);
-        if ((err as { code?: string }).code === 'shield_rollback') v.record({ action: 'vm.start', outcome: 'refused', subject: vm.name, reason: 'rollback' });
-        else if (disk) v.record({ action: 'kp.roll', outcome: 'failed', subject: vm.name, reason: String((err as { code?: string }).code ?? err) });
-        throw err;
-      } finally {
-        wipe(released.transportKey);
-        wipe(oldKey);
-        if (rolled) wipe(rolled.transportKey);
-      }
-      if (disk.integrity) rememberGeneration(v, disk.diskId, disk.generation);
+      // From here to the end of the run this process alone starts or runs the VM.
+      const unlock = acquireStartLock(paths);
       let run: RunningVm;
       try {
-        run = await startVm({
-          home: v.home,
-          vm,
-          disk,
-          vtpmKey,
-          ekCa: held(storeOf(v), released.guardian),
-          audit: (e) => v.record(e),
-          powerDownTimeoutMs: args.powerDownTimeout * 1000,
-          ...(args.testChannel !== undefined ? { testChannel: args.testChannel } : {}),
-        });
-      } finally {
-        wipe(vtpmKey);
+        run = await startLocked(v, vm, args, ctx);
+      } catch (err) {
+        unlock();
+        throw err;
+      }
+      void run.done.finally(unlock);
+      const base = { name: vm.name, level: vm.level, accel: run.accel, secureBoot: run.secureBoot, startedAt: run.startedAt, consoleAt: run.console, supervisorLog: null };
+      if (args.detach) {
+        // Owned by this process from now on, not by the call: closing the page that started it does not stop it.
+        detached.set(vm.name, run);
+        void run.done.finally(() => detached.delete(vm.name));
+        return { ...base, status: 'running' as const, cause: null, reason: 'running', vtpmProvisioned: true, stoppedAt: null, qemuExit: null, pid: process.pid, qemuPid: run.qemuPid };
       }
       ctx.notice?.(
         `VM ${vm.name} runs (${vm.level}, ${run.accel === 'kvm' ? 'KVM' : 'TCG emulation'}${run.secureBoot ? ', Secure Boot' : ''}; QEMU pid ${run.qemuPid}${run.console ? `; console: ${run.console}` : ''}) — Ctrl-C or \`shieldlab vm stop ${vm.name}\` to stop.`,
@@ -229,26 +278,32 @@ export function vmHandlers(vault: () => Vault): { [M in VmMethods]: Handler<M> }
         if (ctx.signal.aborted) onAbort();
         else ctx.signal.addEventListener('abort', onAbort, { once: true });
       }
-      const exit = await run.done;
+      const exit: VmExit = await run.done;
       ctx.signal?.removeEventListener('abort', onAbort);
       return {
-        name: vm.name,
-        level: vm.level,
+        ...base,
         status: exit.status,
         cause: exit.cause,
         reason: exit.reason,
-        accel: run.accel,
-        secureBoot: run.secureBoot,
         vtpmProvisioned: readMarker(paths.tpm) !== null,
-        startedAt: exit.startedAt,
         stoppedAt: exit.stoppedAt,
         qemuExit: exit.qemuExit,
+        pid: null,
+        qemuPid: null,
       };
     },
-
     'vm.stop': async (args) => {
       const v = vault();
       const vm = loadVm(v, args.name);
+      reaped(v, vm.name);
+      const mine = detached.get(vm.name);
+      if (mine) {
+        // Run by this process: stopped directly, so the run records it as stopped on request.
+        const exit = await mine.stop({ force: args.force, timeoutMs: args.timeout * 1000 });
+        const how = exit.stopHow ?? 'not-running'; // null: it ended by itself meanwhile
+        if (how !== 'not-running') v.record({ action: 'vm.stop', outcome: 'ok', subject: vm.name, reason: `requested (${how})` });
+        return { name: vm.name, how, status: readState(vmPaths(v.home, vm.name)).status };
+      }
       const r = await stopFromOutside(vmPaths(v.home, vm.name), { force: args.force, timeoutMs: args.timeout * 1000 });
       if (r.how !== 'not-running') v.record({ action: 'vm.stop', outcome: 'ok', subject: vm.name, reason: `requested (${r.how})` });
       return { name: vm.name, how: r.how, status: readState(vmPaths(v.home, vm.name)).status };
@@ -270,7 +325,8 @@ export function vmHandlers(vault: () => Vault): { [M in VmMethods]: Handler<M> }
       const v = vault();
       const vm = loadVm(v, args.name);
       const paths = vmPaths(v.home, vm.name);
-      if (isActive(readState(paths))) throw new ShieldError('invalid_argument', `VM ${vm.name} is running: stop it first.`);
+      reaped(v, vm.name);
+      if (isActive(readState(paths))) throw new ShieldError('vm_running', `VM ${vm.name} is running: stop it first.`);
       if (!args.yes) throw new ShieldError('usage', `Deleting VM ${vm.name} removes its vTPM state (${paths.tpm}): keys sealed to its TPM are lost. Add --yes. The disk ${vm.disk} stays.`);
       v.deleteRecord('vm', vm.name);
       rmSync(paths.dir, { recursive: true, force: true });

@@ -130,6 +130,9 @@ export function formatHuman(method: MethodName, result: unknown): string {
     case 'vm.create':
       return `Created VM ${String(r.name)} (${String(r.level)}, ${String(r.memoryMiB)} MiB, ${String(r.cpus)} CPU(s)) on ${String(r.disk)}; its vTPM is made on first start: \`shieldlab vm start ${String(r.name)}\`.\n`;
     case 'vm.start':
+      if (r.status === 'running') {
+        return `VM ${String(r.name)} runs in the background (${String(r.level)}, ${String(r.accel)}${r.secureBoot ? ', Secure Boot' : ''}; supervisor pid ${String(r.pid)}, QEMU pid ${String(r.qemuPid)}${r.consoleAt ? `; console: ${String(r.consoleAt)}` : ''}${r.supervisorLog ? `; log ${String(r.supervisorLog)}` : ''}). Stop it with \`shieldlab vm stop ${String(r.name)}\`.\n`;
+      }
       return `VM ${String(r.name)} ${r.status === 'crashed' ? 'crashed' : 'stopped'}: ${String(r.reason)} (${String(r.accel)}${r.secureBoot ? ', Secure Boot' : ''}, ran ${String(r.startedAt)} → ${String(r.stoppedAt)}).\n`;
     case 'vm.stop':
       return r.how === 'not-running' ? `VM ${String(r.name)} is not running (${String(r.status)}).\n` : `VM ${String(r.name)} stopped (${String(r.how)}).\n`;

@@ -2,7 +2,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { dirname, join, resolve } from 'node:path';
-import { contract, METHOD_NAMES, type MethodName, type MethodSpec, type ProgressEvent } from '../app/contract.ts';
+import { contract, METHOD_NAMES, type MethodName, type MethodSpec, type ProgressEvent, type Result } from '../app/contract.ts';
 import { ShieldLabApp, defaultHome } from '../app/service.ts';
 import { ShieldError, toShieldError } from '../errors.ts';
 import { fieldsOf, flagUsage, type FieldInfo } from './flags.ts';
@@ -210,6 +210,8 @@ async function serve(flags: Map<string, string[]>, globals: Globals, app: Shield
     process.once('SIGTERM', stop);
   });
   await server.close();
+  // VMs started from the page run in this process (it serves their disks): power them down first.
+  await app.shutdown();
   return 0;
 }
 
@@ -272,12 +274,28 @@ export async function run(argv: string[]): Promise<number> {
     const args = buildArgs(found.method, found.rest, flags, globals);
     app = new ShieldLabApp({ home, log: (l) => process.env.SHIELDLAB_DEBUG && process.stderr.write(`${l}\n`) });
     // A one-shot CLI call unlocks for itself (passphrase if given, else the OS keychain) and locks on exit.
+    let passphrase: string | undefined;
     if (contract[found.method].needs === 'unlocked') {
-      const passphrase = args.passphrase ?? (globals.passphraseFile !== undefined || globals.passphraseStdin
+      passphrase = (args.passphrase as string | undefined) ?? (globals.passphraseFile !== undefined || globals.passphraseStdin
         ? readSecret(globals.passphraseFile !== undefined ? { file: globals.passphraseFile } : { stdin: true }, 'passphrase')
         : undefined);
       await app.invoke('vault.unlock', passphrase === undefined ? {} : { passphrase });
     }
+    if (found.method === 'vm.start' && args.detach === true) {
+      // The VM outlives this call: a supervisor process runs it (core/cli/detach.ts).
+      const parsed = contract['vm.start'].args.parse(args);
+      const { vms } = (await app.invoke('vm.status', { name: parsed.name })) as Result<'vm.status'>;
+      const vm = vms[0]!;
+      if (vm.status === 'starting' || vm.status === 'running' || vm.status === 'stopping') throw new ShieldError('vm_running', `VM ${vm.name} is running already (pid ${vm.pid}).`, { details: { pid: vm.pid } });
+      const { startDetached } = await import('./detach.ts');
+      const status = async () => ((await app!.invoke('vm.status', { name: parsed.name })) as Result<'vm.status'>).vms[0]!;
+      const result = await startDetached({ home, args: parsed, vm, passphrase, status });
+      passphrase = undefined;
+      if (globals.json) process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
+      else process.stdout.write(formatHuman(found.method, result));
+      return 0;
+    }
+    passphrase = undefined;
     // Ctrl-C (or SIGTERM) cancels long work cleanly: the method removes what it half-made.
     const cancel = new AbortController();
     const onSignal = () => cancel.abort();

@@ -267,12 +267,12 @@ export function probeSmm(accel: Accel, qemu = QEMU_BINARY, timeoutMs = 15_000): 
 export function firmwareFor(level: SecurityLevel, smm: SmmProbe, varsCopy: string): Firmware {
   if (level === 'shielded') {
     if (!smm.smm) {
-      throw new ShieldError('invalid_argument', `This host cannot run a shielded VM: Secure Boot needs SMM, and QEMU says: ${smm.detail}. (Nested KVM often lacks SMM; the encryption-supported level runs without Secure Boot.)`, {
+      throw new ShieldError('secure_boot_unavailable', `This host cannot run a shielded VM: Secure Boot needs SMM, and QEMU says: ${smm.detail}. (Nested KVM often lacks SMM; the encryption-supported level runs without Secure Boot.)`, {
         details: { reason: 'secure_boot_unavailable' },
       });
     }
     for (const f of [OVMF.secureBootCode, OVMF.secureBootVars]) {
-      if (!existsSync(f)) throw new ShieldError('invalid_argument', `Secure Boot firmware ${f} is missing (Debian: ovmf).`, { details: { reason: 'secure_boot_unavailable' } });
+      if (!existsSync(f)) throw new ShieldError('secure_boot_unavailable', `Secure Boot firmware ${f} is missing (Debian: ovmf).`, { details: { reason: 'secure_boot_unavailable' } });
     }
     return { code: OVMF.secureBootCode, vars: varsCopy, secureBoot: true };
   }

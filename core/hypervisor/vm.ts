@@ -6,12 +6,13 @@
 //   <home>/vms/<name>/tpm/          swtpm state (ciphertext under the vTPM key)
 //   <home>/vms/<name>/OVMF_VARS.fd  the VM's UEFI variable store (public: Secure Boot keys, boot order)
 //   <home>/vms/<name>/state.json    what runs now / how the last run ended (no secrets)
+//   <home>/vms/<name>/start.lock    the pid of the process starting or running the VM (one at a time)
 //   <home>/vms/<name>/run/          0700: qmp.sock, nbd.sock, tpm/swtpm.sock.ctrl, console.log
 //
 // The keys: the caller releases the transport key, opens the shielded disk (which keeps only its
 // data key) and derives the vTPM key; startVm hands the vTPM key to swtpm and wipes it.
 import { type ChildProcess, spawn } from 'node:child_process';
-import { chmodSync, copyFileSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, closeSync, copyFileSync, existsSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, statSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { ShieldError, toShieldError } from '../errors.ts';
 import { wipe } from '../crypto/mod.ts';
@@ -65,6 +66,7 @@ export interface VmPaths {
   tpm: string;
   vars: string;
   state: string;
+  lock: string;
   run: string;
   qmp: string;
   nbd: string;
@@ -76,7 +78,7 @@ export function vmPaths(home: string, name: string): VmPaths {
   checkName(name);
   const dir = join(home, 'vms', name);
   const run = join(dir, 'run');
-  return { dir, tpm: join(dir, 'tpm'), vars: join(dir, 'OVMF_VARS.fd'), state: join(dir, 'state.json'), run, qmp: join(run, 'qmp.sock'), nbd: join(run, 'nbd.sock'), tpmRun: join(run, 'tpm'), consoleLog: join(run, 'console.log') };
+  return { dir, tpm: join(dir, 'tpm'), vars: join(dir, 'OVMF_VARS.fd'), state: join(dir, 'state.json'), lock: join(dir, 'start.lock'), run, qmp: join(run, 'qmp.sock'), nbd: join(run, 'nbd.sock'), tpmRun: join(run, 'tpm'), consoleLog: join(run, 'console.log') };
 }
 
 export function checkName(name: string): void {
@@ -114,6 +116,88 @@ export function writeState(paths: VmPaths, s: VmState): void {
   const tmp = `${paths.state}.${process.pid}.tmp`;
   writeFileSync(tmp, `${JSON.stringify(s, null, 2)}\n`, { mode: 0o600 });
   renameSync(tmp, paths.state);
+}
+
+/**
+ * One start at a time per VM, across processes: start.lock (O_EXCL) holds the owner's pid from
+ * before the key release until the run has ended, so two starts can neither both roll the key
+ * protector nor both write state.json. A lock whose pid is gone is taken over.
+ */
+export function acquireStartLock(paths: VmPaths): () => void {
+  mkdirSync(paths.dir, { recursive: true, mode: 0o700 });
+  for (let attempt = 0; attempt < 3; attempt++) {
+    try {
+      const fd = openSync(paths.lock, 'wx', 0o600);
+      try {
+        writeSync(fd, `${process.pid}\n`);
+      } finally {
+        closeSync(fd);
+      }
+      let held = true;
+      return () => {
+        if (!held) return;
+        held = false;
+        try {
+          if (readFileSync(paths.lock, 'utf8').trim() === String(process.pid)) unlinkSync(paths.lock);
+        } catch {
+          // gone already
+        }
+      };
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw toShieldError(err);
+    }
+    let owner: number | null = null;
+    try {
+      owner = Number.parseInt(readFileSync(paths.lock, 'utf8').trim(), 10);
+    } catch {
+      continue; // released between our open and our read
+    }
+    if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && alive(owner)) {
+      throw new ShieldError('vm_running', `VM ${paths.dir.split('/').at(-1)} is being started or runs already (pid ${owner}).`, { details: { pid: owner } });
+    }
+    rmSync(paths.lock, { force: true }); // its owner is gone (or it is ours from a run that did not unwind)
+  }
+  throw new ShieldError('vm_running', 'Another start of this VM holds its lock.');
+}
+
+/** A process's command line (NUL-separated, as /proc has it), or null when it is gone or not ours to read. */
+function cmdline(pid: number): string | null {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * A run whose owner died without unwinding (kill -9, a power cut of the app) leaves QEMU and swtpm
+ * behind: a guest whose disk server is gone and a vTPM nobody guards. This stops them — only
+ * processes whose command line names this VM's run folder, so a recycled pid is never hit — clears
+ * the run folder, records the run as crashed, and says what it did (null: nothing to do).
+ */
+export function reapOrphans(paths: VmPaths): string | null {
+  let s: VmState;
+  try {
+    s = { ...EMPTY_STATE, ...(JSON.parse(readFileSync(paths.state, 'utf8')) as Partial<VmState>) };
+  } catch {
+    return null;
+  }
+  if (!isActive(s) || alive(s.pid)) return null;
+  const stopped: string[] = [];
+  for (const [what, pid] of [['QEMU', s.qemuPid], ['swtpm', s.swtpmPid]] as const) {
+    if (pid === null || !alive(pid)) continue;
+    if (!(cmdline(pid) ?? '').includes(paths.run)) continue;
+    try {
+      process.kill(pid, 'SIGKILL');
+      stopped.push(`${what} (pid ${pid})`);
+    } catch {
+      // gone in between
+    }
+  }
+  rmSync(paths.run, { recursive: true, force: true });
+  const reason = `the process that ran the VM (pid ${s.pid}) ended without stopping it${stopped.length ? `; ${stopped.join(' and ')} stopped` : ''}`;
+  writeState(paths, { ...s, status: 'crashed', pid: null, qemuPid: null, swtpmPid: null, qmpSocket: null, stoppedAt: new Date().toISOString(), reason });
+  return reason;
 }
 
 export function isActive(s: VmState): boolean {
@@ -162,6 +246,8 @@ export interface VmExit {
   cause: 'guest' | 'stop' | 'qemu' | 'swtpm' | 'nbd';
   reason: string;
   qemuExit: { code: number | null; signal: NodeJS.Signals | null } | null;
+  /** A stop on request: how QEMU went down (ACPI power-down, told to quit, killed). */
+  stopHow: 'powerdown' | 'quit' | 'kill' | null;
   startedAt: string;
   stoppedAt: string;
 }
@@ -179,8 +265,8 @@ export interface RunningVm {
   readonly startedAt: string;
   /** Resolves once everything is down (never rejects). */
   readonly done: Promise<VmExit>;
-  /** ACPI power-down, then a hard stop after the timeout; `force`: hard stop now. */
-  stop(opts?: { force?: boolean }): Promise<VmExit>;
+  /** ACPI power-down, then a hard stop after the timeout (default: the start's); `force`: hard stop now. */
+  stop(opts?: { force?: boolean; timeoutMs?: number }): Promise<VmExit>;
 }
 
 const STDERR_KEEP = 8192;
@@ -219,6 +305,14 @@ export async function qmpOnce<T = unknown>(socket: string, command: string, args
 export async function startVm(o: StartVmOptions): Promise<RunningVm> {
   const { vm } = o;
   const paths = vmPaths(o.home, vm.name);
+  // The audit trail must never bring a run down (a vault closed under a detached run, a full disk).
+  const audit = (e: AuditLine) => {
+    try {
+      o.audit(e);
+    } catch (err) {
+      o.log?.(`audit of ${e.action} failed: ${toShieldError(err).message}\n`);
+    }
+  };
   const undo: (() => Promise<void>)[] = [];
   const unwind = async () => {
     for (const u of undo.reverse()) await u().catch(() => undefined);
@@ -264,7 +358,7 @@ export async function startVm(o: StartVmOptions): Promise<RunningVm> {
       } finally {
         await setup.stop();
       }
-      o.audit({ action: 'vm.vtpm-provision', outcome: 'ok', subject: vm.name });
+      audit({ action: 'vm.vtpm-provision', outcome: 'ok', subject: vm.name });
     }
     const vtpm: Vtpm = await startVtpm({ stateDir: paths.tpm, key, runDir: paths.tpmRun });
     wipe(key);
@@ -335,10 +429,11 @@ export async function startVm(o: StartVmOptions): Promise<RunningVm> {
     const startedAt = base.startedAt!;
     const running: VmState = { ...base, status: 'running', qemuPid: child.pid!, swtpmPid: vtpm.pid, accel: accel.accel, accelReason: accel.reason, secureBoot: firmware.secureBoot, qmpSocket: paths.qmp, console: consoleWhere };
     writeState(paths, running);
-    o.audit({ action: 'vm.start', outcome: 'ok', subject: vm.name, reason: `${vm.level}, ${accel.accel}${firmware.secureBoot ? ', secure boot' : ''}` });
+    audit({ action: 'vm.start', outcome: 'ok', subject: vm.name, reason: `${vm.level}, ${accel.accel}${firmware.secureBoot ? ', secure boot' : ''}` });
 
     // ---- watching -------------------------------------------------------------------------
     let stopRequested: 'graceful' | 'force' | null = null;
+    let stopHow: VmExit['stopHow'] = null;
     const done: Promise<VmExit> = (async () => {
       type Ending = { cause: VmExit['cause']; reason: string };
       const qemuEnding = (e: { code: number | null; signal: NodeJS.Signals | null }): Ending =>
@@ -366,22 +461,27 @@ export async function startVm(o: StartVmOptions): Promise<RunningVm> {
       await unwind();
       rmSync(paths.run, { recursive: true, force: true });
       const stoppedAt = new Date().toISOString();
-      const exit: VmExit = { status: crashed ? 'crashed' : 'stopped', cause: first.cause, reason: first.reason, qemuExit: qemuGone ? await qemuExited : null, startedAt, stoppedAt };
+      const exit: VmExit = { status: crashed ? 'crashed' : 'stopped', cause: first.cause, reason: first.reason, qemuExit: qemuGone ? await qemuExited : null, stopHow: first.cause === 'stop' ? stopHow : null, startedAt, stoppedAt };
       writeState(paths, { ...running, status: exit.status, stoppedAt, reason: first.reason, qemuPid: null, swtpmPid: null, qmpSocket: null, pid: null });
-      o.audit(crashed ? { action: 'vm.crash', outcome: 'failed', subject: vm.name, reason: first.reason } : { action: 'vm.stop', outcome: 'ok', subject: vm.name, reason: first.reason });
+      audit(crashed ? { action: 'vm.crash', outcome: 'failed', subject: vm.name, reason: first.reason } : { action: 'vm.stop', outcome: 'ok', subject: vm.name, reason: first.reason });
       return exit;
     })();
 
-    const stop = async (opts: { force?: boolean } = {}): Promise<VmExit> => {
+    const stop = async (opts: { force?: boolean; timeoutMs?: number } = {}): Promise<VmExit> => {
       if (!qemuGone) {
         stopRequested = opts.force ? 'force' : 'graceful';
         writeState(paths, { ...running, status: 'stopping' });
         if (!opts.force) {
+          stopHow = 'powerdown';
           await qmpOnce(paths.qmp, 'system_powerdown').catch(() => undefined);
-          if ((await timeout(qemuExited, o.powerDownTimeoutMs ?? 60_000)) !== 'timeout') return done;
+          if ((await timeout(qemuExited, opts.timeoutMs ?? o.powerDownTimeoutMs ?? 60_000)) !== 'timeout') return done;
         }
+        stopHow = 'quit';
         await qmpOnce(paths.qmp, 'quit').catch(() => undefined);
-        if ((await timeout(qemuExited, 5000)) === 'timeout') killGroup(child, 'SIGKILL');
+        if ((await timeout(qemuExited, 5000)) === 'timeout') {
+          stopHow = 'kill';
+          killGroup(child, 'SIGKILL');
+        }
       }
       return done;
     };
@@ -406,7 +506,7 @@ export async function startVm(o: StartVmOptions): Promise<RunningVm> {
     rmSync(paths.run, { recursive: true, force: true });
     const e = toShieldError(err);
     writeState(paths, { ...base, status: 'stopped', pid: null, stoppedAt: new Date().toISOString(), reason: `start failed: ${e.message}` });
-    o.audit({ action: 'vm.start', outcome: 'failed', subject: vm.name, reason: String(e.details?.reason ?? e.code) });
+    audit({ action: 'vm.start', outcome: 'failed', subject: vm.name, reason: String(e.details?.reason ?? e.code) });
     throw e;
   }
 }

@@ -82,12 +82,14 @@ export function httpStatusFor(code: ErrorCode): number {
     case 'guardian_in_use':
     case 'guardian_not_backed_up':
     case 'guardian_no_private_key':
+    case 'vm_running':
       return 409;
     case 'locked':
       return 423;
     case 'keychain_unavailable':
     case 'keychain_entry_missing':
     case 'tpm_unavailable':
+    case 'secure_boot_unavailable':
       return 503;
     case 'tpm_error':
     case 'tpm_malformed':

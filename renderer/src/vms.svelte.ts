@@ -1,7 +1,7 @@
 // The renderer's view of shielded VMs: the list (read again every few seconds while a VM starts or
-// runs), the host's accelerator, and each VM's start. vm.start lasts as long as the VM runs, so its
-// call is kept here, not in the page: leaving the page and coming back shows the same run, and
-// leaving never stops a VM — only Stop does (a separate vm.stop call). Plus the words the page uses,
+// runs), the host's accelerator, and each VM's start. A start is detached: the app process (web mode:
+// `shieldlab serve`) runs the VM, so the call returns once it runs, and leaving or closing the page
+// never stops a VM — only Stop does (vm.stop), or quitting the app. Plus the words the page uses,
 // a refused start above all.
 import type { Args, Result } from '../../core/app/contract.ts';
 import { BridgeError, describeError } from './bridge.ts';
@@ -22,12 +22,9 @@ export interface StartRefusal {
   said: string;
 }
 
-/** What the page knows about a VM's start from this window: the call pending, or how it ended. */
+/** What the page knows about a VM's start from this window: the call pending, or why it was refused. How a run ends shows in the list. */
 export interface Run {
   pending: boolean;
-  /** How the last run ended (the VM stopped, or crashed), in words. */
-  ended: string | null;
-  crashed: boolean;
   refusal: StartRefusal | null;
 }
 
@@ -66,19 +63,16 @@ class Vms {
     return vm;
   }
 
-  /**
-   * Starts the VM and keeps the call pending in the background for as long as it runs. No signal:
-   * leaving the page must not stop a VM. Resolves once the start was refused or the VM has stopped.
-   */
+  /** Starts the VM, detached: resolves once it runs (or was refused); how it ends shows in the list. */
   async start(name: string): Promise<void> {
     if (this.runs[name]?.pending) return;
-    this.runs[name] = { pending: true, ended: null, crashed: false, refusal: null };
-    const poll = setTimeout(() => void this.load(), 800); // "starting" shows soon, not at the next tick
+    this.runs[name] = { pending: true, refusal: null };
+    const poll = setTimeout(() => void this.load(), 800); // "starting" shows soon, not when the start returns
     try {
-      const r = await session.call('vm.start', { name });
-      this.runs[name] = { pending: false, ended: endedText(r), crashed: r.status === 'crashed', refusal: null };
+      await session.call('vm.start', { name, detach: true });
+      this.runs[name] = { pending: false, refusal: null };
     } catch (err) {
-      this.runs[name] = { pending: false, ended: null, crashed: false, refusal: startRefusal(err) };
+      this.runs[name] = { pending: false, refusal: startRefusal(err) };
     } finally {
       clearTimeout(poll);
       await this.load();
@@ -150,19 +144,6 @@ export function memoryText(mib: number): string {
   return mib >= 1024 && mib % 1024 === 0 ? `${mib / 1024} GiB` : `${mib} MiB`;
 }
 
-const CAUSES: Record<VmRun['cause'], string> = {
-  guest: 'the guest shut down',
-  stop: 'stopped on request',
-  qemu: 'QEMU ended',
-  swtpm: 'its vTPM (swtpm) ended',
-  nbd: 'its disk server ended',
-};
-
-function endedText(r: VmRun): string {
-  const how = CAUSES[r.cause];
-  return r.status === 'crashed' ? `The last run crashed: ${how} — ${r.reason}.` : `The last run ended: ${how}.`;
-}
-
 /** Release refusals (details.reason of release_denied) in words. */
 const RELEASE_REASONS: Record<string, string> = {
   NoHealthCertificate: 'This host has no valid health certificate, and could not attest in a mode the disk’s key protector allows.',
@@ -199,7 +180,8 @@ const START_CODES: Partial<Record<string, string>> = {
   shield_invalid: 'The disk file is not a shielded disk (or its shield item is damaged).',
   vtpm_state_invalid: 'The VM’s vTPM state is damaged, or does not open with the key released for this disk.',
   tpm_unavailable: 'A TPM could not be reached: the host’s (for attestation) or the VM’s vTPM.',
-  already_exists: 'It is running already.',
+  vm_running: 'It is running already (or another start of it is under way).',
+  secure_boot_unavailable: 'Secure Boot is not available here, and a shielded VM never runs without it.',
   not_found: 'Something it needs is missing.',
   locked: 'The vault is locked: unlock it and start again.',
 };

@@ -157,7 +157,7 @@ test('VMs: create in the wizard, start a real guest that stops by itself, a refu
     await expect(list.getByRole('button', { name: 'Delete lab' })).toHaveCount(0);
     // The host attested by itself for the start.
     await expect(row(page, 'lab').getByTestId('vm-state')).toHaveText('stopped', { timeout: 90_000 });
-    await expect(detail(page, 'lab').getByTestId('vm-ended')).toHaveText('The last run ended: the guest shut down.');
+    await expect(row(page, 'lab').getByTestId('vm-last-run')).toHaveText('last run: the guest powered off (or QEMU was told to quit)');
     await expect(row(page, 'lab')).toContainText('vTPM provisioned');
     const log = await kept;
     expect(log, 'the console log appeared').not.toBeNull();

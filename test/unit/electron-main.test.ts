@@ -106,8 +106,17 @@ test('dist/electron/main.js against an Electron stand-in', async (t) => {
     assert.equal(!evil.ok && evil.error.code, 'forbidden');
   });
 
-  await t.test('quitting removes the IPC handlers', () => {
-    electron.module.app.emit('will-quit');
+  await t.test('quitting removes the IPC handlers, lets the app power its VMs down, then quits', async () => {
+    const quits = () => electron.log.filter((l) => l === 'app.quit').length;
+    const before = quits();
+    const first = electronEvent({});
+    electron.module.app.emit('will-quit', first);
+    assert.equal(first.defaultPrevented, true, 'the first quit waits for the app to shut down');
     assert.equal(electron.module.ipcMain.handlers.size, 0);
+    for (let i = 0; i < 100 && quits() === before; i++) await new Promise((r) => setTimeout(r, 10));
+    assert.equal(quits(), before + 1, 'then quits again');
+    const second = electronEvent({});
+    electron.module.app.emit('will-quit', second);
+    assert.equal(second.defaultPrevented, false, 'the second quit goes through');
   });
 });
