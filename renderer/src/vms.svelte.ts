@@ -25,6 +25,8 @@ export interface StartRefusal {
 /** What the page knows about a VM's start from this window: the call pending, or why it was refused. How a run ends shows in the list. */
 export interface Run {
   pending: boolean;
+  /** While pending: the step the start is at ("attesting this host"), from its progress events. */
+  step: string | null;
   refusal: StartRefusal | null;
 }
 
@@ -66,13 +68,18 @@ class Vms {
   /** Starts the VM, detached: resolves once it runs (or was refused); how it ends shows in the list. */
   async start(name: string): Promise<void> {
     if (this.runs[name]?.pending) return;
-    this.runs[name] = { pending: true, refusal: null };
+    this.runs[name] = { pending: true, step: null, refusal: null };
     const poll = setTimeout(() => void this.load(), 800); // "starting" shows soon, not when the start returns
     try {
-      await session.call('vm.start', { name, detach: true });
-      this.runs[name] = { pending: false, refusal: null };
+      await session.call('vm.start', { name, detach: true }, {
+        onProgress: (e) => {
+          const run = this.runs[name];
+          if (run?.pending) run.step = e.phase;
+        },
+      });
+      this.runs[name] = { pending: false, step: null, refusal: null };
     } catch (err) {
-      this.runs[name] = { pending: false, refusal: startRefusal(err) };
+      this.runs[name] = { pending: false, step: null, refusal: startRefusal(err) };
     } finally {
       clearTimeout(poll);
       await this.load();
