@@ -965,6 +965,13 @@ export const contract = {
     result: z.object({ vms: z.array(VmInfo) }),
     needs: 'unlocked',
   }),
+  'vm.console': method({
+    summary: 'The serial console of an encryption-supported VM (the end of its log; the last run stays readable after it stops). Shielded VMs have none',
+    cli: { path: ['vm', 'console'], positional: ['name'] },
+    args: z.object({ name: vmName, bytes: z.number().int().min(1).max(1024 * 1024).default(64 * 1024).describe('how much of the end of the log') }),
+    result: z.object({ name: z.string(), file: z.string(), status: VmRunStatus, text: z.string(), size: z.number(), truncated: z.boolean() }),
+    needs: 'unlocked',
+  }),
   'vm.delete': method({
     summary: 'Delete a stopped VM: its record and its vTPM state (the guest’s TPM keys are lost); the disk file stays. Needs --yes',
     cli: { path: ['vm', 'delete'], positional: ['name'] },

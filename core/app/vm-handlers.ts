@@ -29,7 +29,7 @@ import { AttestationService } from '../attestation/service.ts';
 import { ShieldedDisk, readShieldItem } from '../shield/mod.ts';
 import { deriveVtpmKey, promoteNext, readMarker, rekeyVtpmState, settleVtpmState, stateFolders } from '../vtpm/mod.ts';
 import { chooseAccel } from '../hypervisor/qemu.ts';
-import { acquireStartLock, checkName, isActive, readState, reapOrphans, startVm, stopFromOutside, vmPaths, type RunningVm, type VmExit, type VmRecord } from '../hypervisor/vm.ts';
+import { acquireStartLock, checkName, isActive, readConsoleTail, readState, reapOrphans, startVm, stopFromOutside, vmPaths, type RunningVm, type VmExit, type VmRecord } from '../hypervisor/vm.ts';
 import type { MethodName, ParsedArgs, Result, VmInfo } from './contract.ts';
 import { lastSeenGeneration, rememberGeneration } from './disk-handlers.ts';
 import { held, registerKp, storeOf } from './guardian-handlers.ts';
@@ -319,6 +319,20 @@ export function vmHandlers(vault: () => Vault, steps: Steps = () => undefined): 
     'vm.list': async () => {
       const v = vault();
       return { vms: v.listRecords('vm').map((r) => infoOf(v, loadVm(v, r.name))) };
+    },
+
+    'vm.console': async (args) => {
+      const v = vault();
+      const vm = loadVm(v, args.name);
+      const paths = vmPaths(v.home, vm.name);
+      reaped(v, vm.name);
+      if (vm.level === 'shielded') throw new ShieldError('invalid_argument', `VM ${vm.name} is shielded: it has no console, by design.`, { details: { reason: 'no_console' } });
+      const status = readState(paths);
+      if (vm.console === 'vnc') {
+        throw new ShieldError('invalid_argument', `VM ${vm.name}'s console is VNC${status.console ? ` (${status.console})` : ' on 127.0.0.1 while it runs'}: open it with a VNC viewer.`, { details: { reason: 'console_is_vnc' } });
+      }
+      const tail = readConsoleTail(paths, args.bytes);
+      return { name: vm.name, file: paths.consoleLog, status: status.status, text: tail?.text ?? '', size: tail?.size ?? 0, truncated: tail?.truncated ?? false };
     },
 
     'vm.delete': async (args) => {

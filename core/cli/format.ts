@@ -142,6 +142,8 @@ export function formatHuman(method: MethodName, result: unknown): string {
       const rows = (r.vms as Row[]).map((v) => ({ ...v, accel: v.accel, secureBoot: v.secureBoot ? 'on' : 'off', size: `${String(v.memoryMiB)}M/${String(v.cpus)}cpu` }));
       return `${host ? `Host: ${host.accel} (${host.accelReason})\n` : ''}${table(rows, [['name', 'NAME'], ['status', 'STATUS'], ['level', 'LEVEL'], ['accel', 'ACCEL'], ['secureBoot', 'SECURE BOOT'], ['size', 'SIZE'], ['consoleAt', 'CONSOLE'], ['reason', 'LAST'], ['disk', 'DISK']])}`;
     }
+    case 'vm.console':
+      return `${r.truncated ? `[… earlier output left out: the log holds ${String(r.size)} bytes; --bytes N for more]\n` : ''}${String(r.text)}${String(r.text).endsWith('\n') || r.text === '' ? '' : '\n'}`;
     case 'vm.delete':
       return `Deleted VM ${String(r.name)} and its vTPM state (${String(r.removed)}); the disk file stays.\n`;
     case 'disk.unshield':

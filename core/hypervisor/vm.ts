@@ -7,12 +7,13 @@
 //   <home>/vms/<name>/OVMF_VARS.fd  the VM's UEFI variable store (public: Secure Boot keys, boot order)
 //   <home>/vms/<name>/state.json    what runs now / how the last run ended (no secrets)
 //   <home>/vms/<name>/start.lock    the pid of the process starting or running the VM (one at a time)
-//   <home>/vms/<name>/run/          0700: qmp.sock, nbd.sock, tpm/swtpm.sock.ctrl, console.log
+//   <home>/vms/<name>/console.log   encryption-supported, serial-log console: the last run's console (0600)
+//   <home>/vms/<name>/run/          0700: qmp.sock, nbd.sock, tpm/swtpm.sock.ctrl
 //
 // The keys: the caller releases the transport key, opens the shielded disk (which keeps only its
 // data key) and derives the vTPM key; startVm hands the vTPM key to swtpm and wipes it.
 import { type ChildProcess, spawn } from 'node:child_process';
-import { chmodSync, closeSync, copyFileSync, existsSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, statSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
+import { chmodSync, closeSync, copyFileSync, existsSync, mkdirSync, openSync, readFileSync, readSync, renameSync, rmSync, statSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { ShieldError, toShieldError } from '../errors.ts';
 import { wipe } from '../crypto/mod.ts';
@@ -78,7 +79,7 @@ export function vmPaths(home: string, name: string): VmPaths {
   checkName(name);
   const dir = join(home, 'vms', name);
   const run = join(dir, 'run');
-  return { dir, tpm: join(dir, 'tpm'), vars: join(dir, 'OVMF_VARS.fd'), state: join(dir, 'state.json'), lock: join(dir, 'start.lock'), run, qmp: join(run, 'qmp.sock'), nbd: join(run, 'nbd.sock'), tpmRun: join(run, 'tpm'), consoleLog: join(run, 'console.log') };
+  return { dir, tpm: join(dir, 'tpm'), vars: join(dir, 'OVMF_VARS.fd'), state: join(dir, 'state.json'), lock: join(dir, 'start.lock'), run, qmp: join(run, 'qmp.sock'), nbd: join(run, 'nbd.sock'), tpmRun: join(run, 'tpm'), consoleLog: join(dir, 'console.log') };
 }
 
 export function checkName(name: string): void {
@@ -198,6 +199,44 @@ export function reapOrphans(paths: VmPaths): string | null {
   const reason = `the process that ran the VM (pid ${s.pid}) ended without stopping it${stopped.length ? `; ${stopped.join(' and ')} stopped` : ''}`;
   writeState(paths, { ...s, status: 'crashed', pid: null, qemuPid: null, swtpmPid: null, qmpSocket: null, stoppedAt: new Date().toISOString(), reason });
   return reason;
+}
+
+/** Text from a console log safe to show: no escape sequences or control characters but newlines and tabs. */
+export function consoleText(raw: Buffer): string {
+  return raw
+    .toString('utf8')
+    .replace(/\x1b\[[0-?]*[ -/]*[@-~]/g, '') // CSI sequences (colours, cursor moves)
+    .replace(/\x1b[@-_]/g, '')
+    .replace(/\r\n?/g, '\n')
+    .replace(/[\u0000-\u0008\u000b-\u001f\u007f]/g, '');
+}
+
+/** The last `bytes` bytes of a VM's console log (null when it has none yet). */
+export function readConsoleTail(paths: VmPaths, bytes: number): { text: string; size: number; truncated: boolean } | null {
+  let fd: number;
+  try {
+    fd = openSync(paths.consoleLog, 'r');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    throw toShieldError(err);
+  }
+  try {
+    const size = statSync(paths.consoleLog).size;
+    const n = Math.min(size, bytes);
+    const buf = Buffer.alloc(n);
+    let got = 0;
+    while (got < n) {
+      const r = readSync(fd, buf, got, n - got, size - n + got);
+      if (r === 0) break;
+      got += r;
+    }
+    let text = consoleText(buf.subarray(0, got));
+    // A cut at the front starts mid-line (and maybe mid-character): drop that partial line.
+    if (size > n) text = text.slice(text.indexOf('\n') + 1);
+    return { text, size, truncated: size > n };
+  } finally {
+    closeSync(fd);
+  }
 }
 
 export function isActive(s: VmState): boolean {
@@ -367,6 +406,11 @@ export async function startVm(o: StartVmOptions): Promise<RunningVm> {
 
     // QEMU.
     const consoleOpt = vm.level === 'encryption-supported' ? (vm.console === 'vnc' ? { kind: 'vnc' as const } : { kind: 'serial-log' as const, file: paths.consoleLog }) : undefined;
+    // Made here, 0600, so QEMU (which opens it with O_TRUNC) never creates it with its umask; kept after the run.
+    if (consoleOpt?.kind === 'serial-log') {
+      writeFileSync(paths.consoleLog, '', { mode: 0o600 });
+      chmodSync(paths.consoleLog, 0o600);
+    }
     const args = qemuArgs(vm, {
       level: vm.level,
       accel: accel.accel,

@@ -11,6 +11,7 @@ import { certificateProblem } from './shield.svelte.ts';
 
 export type VmInfo = Result<'vm.list'>['vms'][number];
 export type VmRun = Result<'vm.start'>;
+export type VmConsole = Result<'vm.console'>;
 export type VmLevel = VmInfo['level'];
 export type VmStatus = VmInfo['status'];
 export type HostAccel = Result<'vm.status'>['host'];
@@ -84,6 +85,11 @@ class Vms {
       clearTimeout(poll);
       await this.load();
     }
+  }
+
+  /** The end of an encryption-supported VM's serial console. */
+  console(name: string): Promise<VmConsole> {
+    return session.call('vm.console', { name, bytes: 16 * 1024 });
   }
 
   /** ACPI power-down (the guest shuts down), or with `force` a hard stop now. */

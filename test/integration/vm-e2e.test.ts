@@ -15,10 +15,10 @@ import { test, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { cpSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { CLI, cliJson, cliOk, secretFile, tempDir } from '../helpers/home.ts';
-import { buildGuest, guestMissing, listenForReport, ovmfMissing, type Guest } from '../helpers/guest.ts';
+import { buildGuest, CONSOLE_PREFIX, guestMissing, listenForReport, ovmfMissing, type Guest } from '../helpers/guest.ts';
 import { swtpmMissing } from '../helpers/swtpm.ts';
 import { launchSwtpm } from '../../core/vtpm/process.ts';
 
@@ -136,6 +136,16 @@ test('vm start boots a real guest from a shielded disk with an encrypted vTPM; a
   assert.equal(vm.accel, existsSync('/dev/kvm') ? vm.accel : 'tcg');
   assert.equal(status.host.accel, vm.accel);
   assert.equal(vm.vtpmProvisioned, true);
+  // The serial console of the run, kept after it stopped (0600), read through the API.
+  const cons = await cliOk<Json>([...A, 'vm', 'console', 'lab']);
+  assert.equal(cons.status, 'stopped');
+  assert.equal(cons.file, join(dir, 'a', 'vms', 'lab', 'console.log'));
+  assert.equal(statSync(cons.file).mode & 0o777, 0o600);
+  assert.ok(cons.text.includes(`${CONSOLE_PREFIX}{"marker":"${marker}"`), cons.text.slice(-2000));
+  assert.doesNotMatch(cons.text, /[\u0000-\u0008\u001b]/, 'no control characters or escape sequences');
+  const tail = await cliOk<Json>([...A, 'vm', 'console', 'lab', '--bytes', '100']);
+  assert.equal(tail.truncated, true);
+  assert.ok(tail.text.length <= 100 && cons.text.endsWith(tail.text), 'the end of the same log, from a line start');
   const audit = await cliOk<Json>([...A, 'vault', 'audit', '--limit', '200']);
   const actions = audit.entries.map((e: Json) => `${e.action}:${e.outcome}`);
   for (const a of ['vm.create:ok', 'kp.release:ok', 'kp.roll:ok', 'vm.vtpm-provision:ok', 'vm.start:ok', 'vm.stop:ok']) assert.ok(actions.includes(a), `${a} in ${actions.join(' ')}`);
@@ -193,6 +203,8 @@ test('a shielded VM (Secure Boot, no console) is torn down when its swtpm dies; 
   const disk = join(dir, 'sh.vhdx');
   await cliOk([...A, 'disk', 'shield', join(dir, 'in.raw'), '--out', disk, '--owner', 'Owner', '--allow-mode', 'host-key']);
   await cliOk([...A, 'vm', 'create', 'sh', '--disk', disk, '--memory', '256', '--cpus', '1']);
+  const noConsole = await cliJson<Json>([...A, 'vm', 'console', 'sh']);
+  assert.equal(noConsole.body.error?.details?.reason, 'no_console', JSON.stringify(noConsole.body));
   const refusedChannel = await cliJson<Json>([...A, 'vm', 'start', 'sh', '--test-channel', join(dir, 'x.sock')]);
   assert.equal(refusedChannel.body.error?.code, 'invalid_argument', JSON.stringify(refusedChannel.body));
 
