@@ -5,6 +5,16 @@
 // owns (org.shieldlab.test), then powers off. Skips only when the pieces are absent and CI is not
 // set; under CI=true they must exist (.ci/run installs linux-image-amd64, busybox-static,
 // qemu-system-x86, swtpm and, for the OVMF variant, ovmf).
+//
+// Modes, chosen on the kernel command line with `shieldlab.mode=<mode>` (guestAppend()):
+//   report     (the default) as above.
+//   acpi       the same report, then no power-off: the guest waits for the ACPI power button (what
+//              QMP `system_powerdown` sends; busybox acpid on the button's evdev device, both
+//              modules loaded only in this mode), prints SHIELDLAB-POWERDOWN, syncs, powers off.
+//   bench-seq  a disk throughput probe: the whole /dev/vda read, then written (zeros), sequentially
+//              in 1 MiB O_DIRECT blocks (the write ends with an fsync), each timed in the guest
+//              with ash's $EPOCHREALTIME (µs); one GuestBenchReport line on the port, then power-off.
+//              It overwrites the disk: give it a writable one (BootOptions.writable).
 import { type ChildProcess, execFileSync, spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, connect, type Server, type Socket } from 'node:net';
@@ -19,8 +29,21 @@ export const QEMU_SYSTEM = 'qemu-system-x86_64';
 export const OVMF_CODE = '/usr/share/OVMF/OVMF_CODE_4M.fd';
 export const OVMF_VARS = '/usr/share/OVMF/OVMF_VARS_4M.fd';
 
+/** Printed on the console by an `acpi`-mode guest when the power button reached it, before it powers off. */
+export const POWERDOWN_MARKER = 'SHIELDLAB-POWERDOWN';
+/** The guest's modes (kernel command line `shieldlab.mode=<mode>`); `report` when absent. */
+export const GUEST_MODES = ['report', 'acpi', 'bench-seq'] as const;
+export type GuestMode = (typeof GUEST_MODES)[number];
+
+/** The kernel command line word that selects a mode (for BootOptions.append or `vm create --append`). */
+export function guestAppend(mode: GuestMode): string {
+  return `shieldlab.mode=${mode}`;
+}
+
 /** Modules the guest needs (with their dependencies, from modules.dep), unless built in. */
 const WANTED_MODULES = ['virtio_pci', 'virtio_blk', 'virtio_console'];
+/** The ACPI power button as an input device (acpi mode only); skipped when the kernel has them neither as modules nor built in. */
+const ACPI_MODULES = ['button', 'evdev'];
 
 function has(cmd: string): boolean {
   return spawnSync('sh', ['-c', `command -v ${cmd}`]).status === 0;
@@ -135,10 +158,14 @@ export function newcCpio(entries: CpioEntry[]): Buffer {
 }
 
 /**
- * The guest's /init (busybox ash). Loads the modules, reads the disk (the first sector's text and a
- * SHA-256 of the whole disk) and the TPM (sysfs: version, PCRs 0–23 of the SHA-256 and SHA-1
- * banks), writes one JSON line to the org.shieldlab.test port, waits for the host's "ack" (so
- * nothing is lost to the power-off), copies the line to the console, and powers off.
+ * The guest's /init (busybox ash). Reads its mode from /proc/cmdline and loads the modules. In
+ * `report` mode (the default) it reads the disk (the first sector's text and a SHA-256 of the whole
+ * disk) and the TPM (sysfs: version, PCRs 0–23 of the SHA-256 and SHA-1 banks), writes one JSON
+ * line to the org.shieldlab.test port, waits for the host's "ack" (so nothing is lost to the
+ * power-off), copies the line to the console, and powers off. `acpi` mode starts acpid on the power
+ * button first, reports the same way, then waits for the button instead of powering off. `bench-seq`
+ * times a sequential read and write of the whole disk and reports that (GuestBenchReport) instead.
+ * An unknown mode runs as `report` with `unknown-mode:<mode>` in errors.
  */
 export const INIT_SCRIPT = `#!/bin/sh
 export PATH=/bin
@@ -150,11 +177,94 @@ mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
 log() { echo "shieldlab-init: $*"; }
 errors=""
+mode=report
+for w in $(cat /proc/cmdline); do
+  case "$w" in shieldlab.mode=*) mode="\${w#shieldlab.mode=}" ;; esac
+done
+case "$mode" in
+  report|acpi|bench-seq) ;;
+  *) errors="$errors unknown-mode:$(echo "$mode" | tr -cd 'A-Za-z0-9_.-')"; mode=report ;;
+esac
 for m in $(cat /modules.order); do
   insmod "/lib/modules/$m" || errors="$errors insmod:$m"
 done
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+# Sends $1 on the port, waits for the ack, copies it to the console.
+send_report() {
+  port=""
+  for p in /sys/class/virtio-ports/*; do
+    [ "$(cat $p/name 2>/dev/null)" = "${GUEST_CHANNEL}" ] && port=/dev/\${p##*/}
+  done
+  if [ -n "$port" ]; then
+    exec 3<>"$port"
+    echo "$1" >&3
+    read -t 10 ack <&3 || log "no ack on $port"
+    exec 3>&-
+  else
+    log "no virtio port named ${GUEST_CHANNEL}"
+  fi
+  echo "${CONSOLE_PREFIX}$1"
+}
+if [ "$mode" = acpi ]; then
+  # The power button: button.ko makes it an input device, evdev gives it /dev/input/eventN, busybox
+  # acpid (which opens event0, event1, … at start) runs /etc/acpi/PWRF/00000080 on KEY_POWER; that
+  # handler wakes this script through a FIFO. All set up before the report, so a power-down sent
+  # once the report is in is never missed.
+  [ -s /modules.acpi ] && for m in $(cat /modules.acpi); do
+    insmod "/lib/modules/$m" || errors="$errors insmod:$m"
+  done
+  ev=""
+  i=0
+  while [ -z "$ev" ] && [ $i -lt 200 ]; do
+    for e in /sys/class/input/event*; do
+      [ "$(cat $e/device/name 2>/dev/null)" = "Power Button" ] && [ -c /dev/input/\${e##*/} ] && ev=/dev/input/\${e##*/}
+    done
+    [ -n "$ev" ] || { sleep 0.05; i=$((i+1)); }
+  done
+  if [ -n "$ev" ]; then
+    mkdir -p /etc/acpi/PWRF
+    mkfifo /tmp/power-button
+    printf '#!/bin/sh\\necho pressed >/tmp/power-button\\n' >/etc/acpi/PWRF/00000080
+    chmod 755 /etc/acpi/PWRF/00000080
+    acpid -d -c /etc/acpi -a /etc/acpid.conf -M /etc/acpi.map -p /tmp/acpid.pid &
+    i=0
+    while [ ! -s /tmp/acpid.pid ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+    [ -s /tmp/acpid.pid ] || errors="$errors acpid-not-ready"
+  else
+    errors="$errors no-power-button"
+  fi
+fi
+if [ "$mode" = bench-seq ]; then
+  # Sequential read, then write, of the whole disk: 1 MiB O_DIRECT blocks (no guest page cache),
+  # the write closed by an fsync (a flush down to the host). Timed with $EPOCHREALTIME (µs).
+  us() { echo "\${1%.*}\${1#*.}"; }
+  ms() { printf '%d.%03d' $(($1/1000)) $(($1%1000)); }
+  bytes=0
+  read_us=0
+  write_us=0
+  if [ -b /dev/vda ]; then
+    mib=$(( $(cat /sys/block/vda/size) / 2048 ))
+    bytes=$((mib * 1048576))
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    t0=$EPOCHREALTIME
+    dd if=/dev/vda of=/dev/null bs=1M count=$mib iflag=direct 2>/tmp/dd-read.log || errors="$errors read-failed"
+    t1=$EPOCHREALTIME
+    dd if=/dev/zero of=/dev/vda bs=1M count=$mib oflag=direct conv=notrunc,fsync 2>/tmp/dd-write.log || errors="$errors write-failed"
+    t2=$EPOCHREALTIME
+    read_us=$(( $(us $t1) - $(us $t0) ))
+    write_us=$(( $(us $t2) - $(us $t1) ))
+    grep -q "^$mib+0 records in" /tmp/dd-read.log || errors="$errors short-read"
+    grep -q "^$mib+0 records out" /tmp/dd-write.log || errors="$errors short-write"
+  else
+    errors="$errors no-vda"
+  fi
+  uptime=$(cut -d' ' -f1 /proc/uptime)
+  send_report "{\\"mode\\":\\"bench-seq\\",\\"bytes\\":$bytes,\\"readMs\\":$(ms $read_us),\\"writeMs\\":$(ms $write_us),\\"blockBytes\\":1048576,\\"direct\\":true,\\"kernel\\":\\"$(uname -r)\\",\\"uptime\\":$uptime,\\"errors\\":\\"$errors\\"}"
+  sync
+  poweroff -f
+fi
 marker=""
 disk_sha=""
 disk_size=0
@@ -185,19 +295,11 @@ sha256=$(bank sha256)
 sha1=$(bank sha1)
 uptime=$(cut -d' ' -f1 /proc/uptime)
 report="{\\"marker\\":\\"$marker\\",\\"disk\\":{\\"sha256\\":\\"$disk_sha\\",\\"sectors\\":$disk_size},\\"tpm\\":{\\"present\\":$tpm_present,\\"versionMajor\\":$tpm_major,\\"pcrs\\":{\\"sha256\\":$sha256,\\"sha1\\":$sha1}},\\"kernel\\":\\"$(uname -r)\\",\\"uptime\\":$uptime,\\"errors\\":\\"$errors\\"}"
-port=""
-for p in /sys/class/virtio-ports/*; do
-  [ "$(cat $p/name 2>/dev/null)" = "${GUEST_CHANNEL}" ] && port=/dev/\${p##*/}
-done
-if [ -n "$port" ]; then
-  exec 3<>"$port"
-  echo "$report" >&3
-  read -t 10 ack <&3 || log "no ack on $port"
-  exec 3>&-
-else
-  log "no virtio port named ${GUEST_CHANNEL}"
+send_report "$report"
+if [ "$mode" = acpi ] && [ -n "$ev" ]; then
+  read pressed </tmp/power-button
+  echo "${POWERDOWN_MARKER}"
 fi
-echo "${CONSOLE_PREFIX}$report"
 sync
 poweroff -f
 `;
@@ -207,8 +309,12 @@ interface ModuleDep {
   deps: string[];
 }
 
-/** The modules (paths relative to modulesDir) to load, dependencies first; built-ins skipped. */
-export function moduleClosure(modulesDir: string, wanted: string[] = WANTED_MODULES): string[] {
+/**
+ * The modules (paths relative to modulesDir) to load, dependencies first; built-ins skipped. A
+ * wanted module the kernel has neither as a module nor built in throws, unless `optional` (then it
+ * is left out); `exclude` drops modules already loaded by another list (paths as returned here).
+ */
+export function moduleClosure(modulesDir: string, wanted: string[] = WANTED_MODULES, opts: { optional?: boolean; exclude?: readonly string[] } = {}): string[] {
   const modName = (p: string) => p.replace(/^.*\//, '').replace(/\.ko(\.(xz|zst|gz))?$/, '').replace(/-/g, '_');
   const byName = new Map<string, ModuleDep>();
   for (const line of readFileSync(join(modulesDir, 'modules.dep'), 'utf8').split('\n')) {
@@ -220,7 +326,7 @@ export function moduleClosure(modulesDir: string, wanted: string[] = WANTED_MODU
     (existsSync(join(modulesDir, 'modules.builtin')) ? readFileSync(join(modulesDir, 'modules.builtin'), 'utf8') : '').split('\n').filter(Boolean).map(modName),
   );
   const order: string[] = [];
-  const seen = new Set<string>();
+  const seen = new Set<string>((opts.exclude ?? []).map(modName));
   const visit = (name: string) => {
     if (seen.has(name)) return;
     seen.add(name);
@@ -232,7 +338,22 @@ export function moduleClosure(modulesDir: string, wanted: string[] = WANTED_MODU
     for (const d of dep.deps) visit(modName(d));
     order.push(dep.path);
   };
-  for (const w of wanted) visit(w.replace(/-/g, '_'));
+  for (const w of wanted) {
+    if (!opts.optional) {
+      visit(w.replace(/-/g, '_'));
+      continue;
+    }
+    // Optional: all or nothing per wanted module (a dependency missing drops it, not the build).
+    const mark = order.length;
+    const seenBefore = new Set(seen);
+    try {
+      visit(w.replace(/-/g, '_'));
+    } catch {
+      order.length = mark;
+      seen.clear();
+      for (const x of seenBefore) seen.add(x);
+    }
+  }
   return order;
 }
 
@@ -250,6 +371,8 @@ export interface Guest {
   kernelVersion: string;
   /** Module files in the initramfs, in load order. */
   modules: string[];
+  /** Further module files loaded in `acpi` mode only (the power button as an input device); empty when the kernel has them built in. */
+  acpiModules: string[];
   buildMs: number;
 }
 
@@ -290,17 +413,21 @@ export function buildGuest(dir?: string): Guest {
     { kind: 'symlink', path: 'bin/sh', target: 'busybox' },
     { kind: 'file', path: 'init', data: Buffer.from(INIT_SCRIPT), mode: 0o755 },
   ];
-  const names: string[] = [];
-  for (const m of modules) {
-    const name = m.replace(/^.*\//, '').replace(/\.ko(\.(xz|zst|gz))?$/, '.ko');
-    entries.push({ kind: 'file', path: `lib/modules/${name}`, data: moduleBytes(join(k.modulesDir, m)) });
-    names.push(name);
-  }
+  const acpiModules = moduleClosure(k.modulesDir, ACPI_MODULES, { optional: true, exclude: modules });
+  const add = (list: string[]) =>
+    list.map((m) => {
+      const name = m.replace(/^.*\//, '').replace(/\.ko(\.(xz|zst|gz))?$/, '.ko');
+      entries.push({ kind: 'file', path: `lib/modules/${name}`, data: moduleBytes(join(k.modulesDir, m)) });
+      return name;
+    });
+  const names = add(modules);
+  const acpiNames = add(acpiModules);
   entries.push({ kind: 'file', path: 'modules.order', data: Buffer.from(names.join('\n') + '\n') });
+  entries.push({ kind: 'file', path: 'modules.acpi', data: Buffer.from(acpiNames.map((n) => n + '\n').join('')) });
   mkdirSync(dir, { recursive: true });
   const initrd = join(dir, 'initramfs.cpio');
   writeFileSync(initrd, newcCpio(entries));
-  const guest: Guest = { kernel: k.kernel, initrd, kernelVersion: k.version, modules: names, buildMs: Date.now() - t0 };
+  const guest: Guest = { kernel: k.kernel, initrd, kernelVersion: k.version, modules: names, acpiModules: acpiNames, buildMs: Date.now() - t0 };
   built.set(dir, guest);
   return guest;
 }
@@ -387,6 +514,52 @@ export interface GuestReport {
   errors: string;
 }
 
+/** What a `bench-seq` guest reports: its whole disk read, then written, sequentially. */
+export interface GuestBenchReport {
+  mode: 'bench-seq';
+  /** Bytes read, and then written (the disk's size rounded down to whole MiB). */
+  bytes: number;
+  /** Guest wall-clock ms ($EPOCHREALTIME, µs resolution) for the read and for the write (its closing fsync included). */
+  readMs: number;
+  writeMs: number;
+  /** dd's block size (1 MiB). */
+  blockBytes: number;
+  /** O_DIRECT on both sides (no guest page cache). */
+  direct: boolean;
+  kernel: string;
+  uptime: number;
+  /** Space-separated problems (failed insmod, no /dev/vda, read-failed, write-failed, short-read, short-write). */
+  errors: string;
+}
+
+/** MiB/s of a bench report's read and write. */
+export function benchMiBps(r: GuestBenchReport): { readMiBps: number; writeMiBps: number } {
+  const mib = r.bytes / (1024 * 1024);
+  return { readMiBps: mib / (r.readMs / 1000), writeMiBps: mib / (r.writeMs / 1000) };
+}
+
+/** A `report`/`acpi` line, parsed; null when it is not JSON or is a bench report. */
+export function parseGuestReport(line: string): GuestReport | null {
+  try {
+    const v = JSON.parse(line) as Partial<GuestReport> & { mode?: string };
+    return v !== null && typeof v === 'object' && v.mode === undefined ? (v as GuestReport) : null;
+  } catch {
+    return null;
+  }
+}
+
+/** A `bench-seq` line, parsed and checked; null otherwise. */
+export function parseGuestBenchReport(line: string): GuestBenchReport | null {
+  try {
+    const v = JSON.parse(line) as Partial<GuestBenchReport>;
+    if (v === null || typeof v !== 'object' || v.mode !== 'bench-seq') return null;
+    if (![v.bytes, v.readMs, v.writeMs].every((x) => typeof x === 'number' && Number.isFinite(x))) return null;
+    return v as GuestBenchReport;
+  } catch {
+    return null;
+  }
+}
+
 export interface BootOptions {
   kernel: string;
   initrd: string;
@@ -400,12 +573,20 @@ export interface BootOptions {
   workDir: string;
   timeoutMs?: number;
   memoryMiB?: number;
-  /** Extra kernel command line. */
+  /** Extra kernel command line (a mode: guestAppend('acpi')). */
   append?: string;
+  /** A QMP socket QEMU listens on (`-qmp unix:…,server=on,wait=off`), e.g. for system_powerdown (qmpExecute). */
+  qmpSocket?: string;
+  /** The disk read-write (bench-seq writes it); default read-only. */
+  writable?: boolean;
+  /** Called once the report line is in and acked (e.g. to send system_powerdown to an `acpi` guest); bootGuest still waits for QEMU to exit. */
+  onReport?: (line: string) => void | Promise<void>;
 }
 
 export interface BootResult {
   report: GuestReport | null;
+  /** The report of a `bench-seq` guest (then `report` is null). */
+  benchReport: GuestBenchReport | null;
   /** The raw line received on the channel. */
   line: string | null;
   /** Where the report came from. */
@@ -430,10 +611,11 @@ export function qemuArgs(opts: BootOptions, reportSocket: string, varsCopy: stri
     args.push('-drive', `if=pflash,format=raw,unit=0,readonly=on,file=${optValue(OVMF_CODE)}`, '-drive', `if=pflash,format=raw,unit=1,file=${optValue(varsCopy!)}`);
   }
   args.push('-kernel', opts.kernel, '-initrd', opts.initrd, '-append', `console=ttyS0 quiet panic=-1 ${opts.append ?? ''}`.trim());
-  args.push('-drive', `file=${optValue(opts.disk)},format=raw,if=virtio,readonly=on`);
+  args.push('-drive', `file=${optValue(opts.disk)},format=raw,if=virtio${opts.writable ? '' : ',readonly=on'}`);
   if (opts.tpmCtrlSocket) {
     args.push('-chardev', `socket,id=chrtpm,path=${optValue(opts.tpmCtrlSocket)}`, '-tpmdev', 'emulator,id=tpm0,chardev=chrtpm', '-device', 'tpm-crb,tpmdev=tpm0');
   }
+  if (opts.qmpSocket) args.push('-qmp', `unix:${optValue(opts.qmpSocket)},server=on,wait=off`);
   // QEMU connects to the test's socket (client mode): listening first means no race and no retry.
   args.push('-device', 'virtio-serial-pci', '-chardev', `socket,id=report,path=${optValue(reportSocket)}`, '-device', `virtserialport,chardev=report,name=${GUEST_CHANNEL}`);
   return args;
@@ -455,6 +637,7 @@ export async function bootGuest(opts: BootOptions): Promise<BootResult> {
   }
   let line: string | null = null;
   let reportAt: number | null = null;
+  let onReportError: unknown = null;
   const t0 = Date.now();
   const sockets: Socket[] = [];
   const server: Server = createServer((s) => {
@@ -467,6 +650,10 @@ export async function bootGuest(opts: BootOptions): Promise<BootResult> {
         line = buf.slice(0, nl).trim();
         reportAt = Date.now();
         s.write('ack\n');
+        if (opts.onReport) {
+          const got = line;
+          void (async () => opts.onReport!(got))().catch((err: unknown) => (onReportError = err));
+        }
       }
     });
     s.on('error', () => undefined);
@@ -512,15 +699,10 @@ export async function bootGuest(opts: BootOptions): Promise<BootResult> {
       via = 'console';
     }
   }
-  let report: GuestReport | null = null;
-  if (line !== null) {
-    try {
-      report = JSON.parse(line) as GuestReport;
-    } catch {
-      report = null;
-    }
-  }
-  return { report, line, via, exit, timedOut, reportMs: reportAt === null ? null : reportAt - t0, exitMs, console: consoleOut, args };
+  if (onReportError !== null) consoleOut += `\nonReport failed: ${onReportError instanceof Error ? onReportError.message : String(onReportError)}`;
+  const report = line === null ? null : parseGuestReport(line);
+  const benchReport = line === null ? null : parseGuestBenchReport(line);
+  return { report, benchReport, line, via, exit, timedOut, reportMs: reportAt === null ? null : reportAt - t0, exitMs, console: consoleOut, args };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -529,16 +711,20 @@ export async function bootGuest(opts: BootOptions): Promise<BootResult> {
 
 export interface ReportListener {
   socketPath: string;
-  /** The first report line, parsed (the guest is acked so it powers off). */
-  report: Promise<{ line: string; report: GuestReport | null }>;
+  /**
+   * The first report line, parsed (the guest is acked so it goes on): `report` for a report/acpi
+   * guest, `bench` for a bench-seq guest; `at` is performance.now() when the line arrived.
+   */
+  report: Promise<{ line: string; report: GuestReport | null; bench: GuestBenchReport | null; at: number }>;
   close(): Promise<void>;
 }
 
 export async function listenForReport(socketPath: string, opts: { ack?: boolean } = {}): Promise<ReportListener> {
   rmSync(socketPath, { force: true });
   const sockets: Socket[] = [];
-  let deliver: (v: { line: string; report: GuestReport | null }) => void = () => undefined;
-  const report = new Promise<{ line: string; report: GuestReport | null }>((r) => (deliver = r));
+  type Got = Awaited<ReportListener['report']>;
+  let deliver: (v: Got) => void = () => undefined;
+  const report = new Promise<Got>((r) => (deliver = r));
   let got = false;
   const server: Server = createServer((s) => {
     sockets.push(s);
@@ -548,15 +734,10 @@ export async function listenForReport(socketPath: string, opts: { ack?: boolean 
       const nl = buf.indexOf('\n');
       if (nl >= 0 && !got) {
         got = true;
+        const at = performance.now();
         const line = buf.slice(0, nl).trim();
         if (opts.ack ?? true) s.write('ack\n');
-        let parsed: GuestReport | null = null;
-        try {
-          parsed = JSON.parse(line) as GuestReport;
-        } catch {
-          parsed = null;
-        }
-        deliver({ line, report: parsed });
+        deliver({ line, report: parseGuestReport(line), bench: parseGuestBenchReport(line), at });
       }
     });
     s.on('error', () => undefined);
@@ -574,4 +755,51 @@ export async function listenForReport(socketPath: string, opts: { ack?: boolean 
       rmSync(socketPath, { force: true });
     },
   };
+}
+
+// ---------------------------------------------------------------------------------------------
+// QMP, just enough to press the power button: one connection per command.
+
+/** Connects to a QMP socket, negotiates, runs one command and returns its "return" (rejects on "error"). */
+export function qmpExecute<T = unknown>(socketPath: string, command: string, args?: Record<string, unknown>, timeoutMs = 10_000): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    const s = connect(socketPath);
+    let buf = '';
+    let stage: 'greeting' | 'capabilities' | 'command' = 'greeting';
+    const timer = setTimeout(() => finish(new Error(`QMP ${command} at ${socketPath}: no answer within ${timeoutMs} ms`)), timeoutMs);
+    const finish = (err: Error | null, value?: T) => {
+      clearTimeout(timer);
+      s.destroy();
+      if (err) reject(err);
+      else resolve(value as T);
+    };
+    s.on('error', (err) => finish(err));
+    s.on('data', (d: Buffer) => {
+      buf += d.toString('utf8');
+      let nl: number;
+      while ((nl = buf.indexOf('\n')) >= 0) {
+        const text = buf.slice(0, nl).trim();
+        buf = buf.slice(nl + 1);
+        if (!text) continue;
+        let msg: Record<string, unknown>;
+        try {
+          msg = JSON.parse(text) as Record<string, unknown>;
+        } catch {
+          continue;
+        }
+        if ('event' in msg) continue;
+        if (stage === 'greeting' && 'QMP' in msg) {
+          stage = 'capabilities';
+          s.write('{"execute":"qmp_capabilities"}\n');
+        } else if ('error' in msg) {
+          finish(new Error(`QMP ${stage === 'command' ? command : 'qmp_capabilities'}: ${JSON.stringify(msg.error)}`));
+        } else if (stage === 'capabilities' && 'return' in msg) {
+          stage = 'command';
+          s.write(`${JSON.stringify(args ? { execute: command, arguments: args } : { execute: command })}\n`);
+        } else if (stage === 'command' && 'return' in msg) {
+          finish(null, msg.return as T);
+        }
+      }
+    });
+  });
 }

@@ -7,13 +7,15 @@
 // The OVMF variant boots the same kernel through UEFI: PCR 4 (boot application: the kernel as QEMU
 // hands it over) and PCR 9 (the EFI stub's initrd measurement) are then set too, and both change
 // with the initrd/command line, whereas SeaBIOS's direct-kernel PCRs 0–7 measure only firmware.
+// The acpi mode (shieldlab.mode=acpi) reports the same, then waits for the ACPI power button:
+// QMP system_powerdown once the report is in makes it print SHIELDLAB-POWERDOWN and power off.
 import { test, before, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { RawFileDisk, startNbdServer, type NbdEvent } from '../../core/nbd/mod.ts';
-import { bootGuest, buildGuest, guestMissing, ovmfMissing, startGuestSwtpm, type BootResult, type Guest } from '../helpers/guest.ts';
+import { bootGuest, buildGuest, CONSOLE_PREFIX, guestAppend, guestMissing, ovmfMissing, POWERDOWN_MARKER, qmpExecute, startGuestSwtpm, type BootOptions, type BootResult, type Guest } from '../helpers/guest.ts';
 import { tempDir } from '../helpers/home.ts';
 import { uriOf } from '../helpers/nbd.ts';
 import { swtpmMissing } from '../helpers/swtpm.ts';
@@ -45,7 +47,7 @@ function describe(r: BootResult): string {
   return `exit ${JSON.stringify(r.exit)}, timedOut ${r.timedOut}, via ${r.via}, report ${r.line ?? 'none'}\nqemu ${r.args.join(' ')}\nconsole:\n${r.console.slice(-4000)}`;
 }
 
-async function bootFromNbd(t: TestContext, firmware: 'direct-kernel' | 'ovmf') {
+async function bootFromNbd(t: TestContext, firmware: 'direct-kernel' | 'ovmf', extra: (dir: string) => Partial<BootOptions> = () => ({})) {
   const { dir, cleanup } = tempDir('shieldlab-guest-boot-');
   t.after(cleanup);
   const diskPath = join(dir, 'disk.raw');
@@ -59,7 +61,7 @@ async function bootFromNbd(t: TestContext, firmware: 'direct-kernel' | 'ovmf') {
   });
   const tpm = await startGuestSwtpm(join(dir, 'tpm'));
   t.after(() => tpm.stop());
-  const r = await bootGuest({ kernel: guest.kernel, initrd: guest.initrd, disk: uriOf(server.socketPath), tpmCtrlSocket: tpm.ctrlSocket, firmware, workDir: join(dir, 'vm'), timeoutMs: BOOT_TIMEOUT_MS });
+  const r = await bootGuest({ kernel: guest.kernel, initrd: guest.initrd, disk: uriOf(server.socketPath), tpmCtrlSocket: tpm.ctrlSocket, firmware, workDir: join(dir, 'vm'), timeoutMs: BOOT_TIMEOUT_MS, ...extra(dir) });
   t.diagnostic(`${firmware}: report after ${r.reportMs} ms, QEMU exited after ${r.exitMs} ms (guest uptime ${r.report?.uptime} s); initramfs built in ${guest.buildMs} ms`);
 
   assert.equal(r.timedOut, false, `QEMU did not power off within ${BOOT_TIMEOUT_MS} ms: ${describe(r)}`);
@@ -98,4 +100,24 @@ test('the same guest through OVMF: PCRs 0–7 and 9 carry UEFI and EFI-stub meas
   const { report } = await bootFromNbd(t, 'ovmf');
   const pcrs = report.tpm.pcrs.sha256;
   for (const i of ['0', '2', '4', '7', '9']) assert.doesNotMatch(pcrs[i]!, ZERO_PCR, `PCR ${i} is zero under OVMF`);
+});
+
+test('an acpi-mode guest reports, then powers off on QMP system_powerdown (the ACPI power button)', { skip, timeout: 150_000 }, async (t) => {
+  // Through OVMF when it is there (how real VMs boot: OVMF hands over QEMU's ACPI tables), else SeaBIOS.
+  const firmware = ovmfMissing() ? 'direct-kernel' : 'ovmf';
+  let sent: unknown = null;
+  const { r } = await bootFromNbd(t, firmware, (dir) => {
+    const qmpSocket = join(dir, 'qmp.sock');
+    return {
+      append: guestAppend('acpi'),
+      qmpSocket,
+      onReport: async () => {
+        sent = await qmpExecute(qmpSocket, 'system_powerdown');
+      },
+    };
+  });
+  assert.deepEqual(sent, {}, `system_powerdown was not accepted: ${describe(r)}`);
+  assert.ok(r.console.includes(POWERDOWN_MARKER), `no ${POWERDOWN_MARKER} on the console: ${describe(r)}`);
+  assert.ok(r.console.indexOf(POWERDOWN_MARKER) > r.console.lastIndexOf(CONSOLE_PREFIX), 'the power-down came after the report');
+  t.diagnostic(`${firmware}: QEMU exited ${r.exitMs - r.reportMs!} ms after the report (and the power button)`);
 });
