@@ -480,9 +480,13 @@ export async function startVm(o: StartVmOptions): Promise<RunningVm> {
     let stopHow: VmExit['stopHow'] = null;
     const done: Promise<VmExit> = (async () => {
       type Ending = { cause: VmExit['cause']; reason: string };
+      // A `vm stop` from another process marks the state 'stopping' before it asks QEMU.
+      const requested = () => stopRequested !== null || readState(paths).status === 'stopping';
       const qemuEnding = (e: { code: number | null; signal: NodeJS.Signals | null }): Ending =>
         e.code === 0
-          ? { cause: stopRequested ? 'stop' : 'guest', reason: stopRequested ? 'stopped on request' : 'the guest powered off (or QEMU was told to quit)' }
+          ? requested()
+            ? { cause: 'stop', reason: 'stopped on request' }
+            : { cause: 'guest', reason: 'the guest powered off (or QEMU was told to quit)' }
           : { cause: 'qemu', reason: `QEMU exited (${e.code ?? e.signal}): ${stderr.trim().split('\n').slice(-2).join(' ')}` };
       const first: Ending = await Promise.race([
         qemuExited.then(qemuEnding),
@@ -563,6 +567,7 @@ export async function stopFromOutside(paths: VmPaths, opts: { force: boolean; ti
   let s = readState(paths);
   if (!isActive(s) || !s.qmpSocket) return { how: 'not-running', state: s };
   const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+  writeState(paths, { ...s, status: 'stopping' }); // so the owner records the end as a stop on request
   const waitDown = async (ms: number) => {
     const end = Date.now() + ms;
     while (Date.now() < end) {

@@ -183,3 +183,44 @@ test('in the app (web mode, Electron) a detached VM belongs to the app process: 
   const audit = (await cliOk<Json>([...A, 'vault', 'audit', '--limit', '100'])).entries as Json[];
   assert.equal(audit.filter((e) => e.action === 'vm.stop' && e.outcome === 'ok' && e.subject === 'two').length, 1, 'the shutdown stop is audited');
 });
+
+test('vm stop from another process: the ACPI power button, and a guest that shuts down by itself (the test guest in acpi mode)', { skip, timeout: 300_000 }, async (t) => {
+  const { buildGuest, guestAppend, listenForReport, POWERDOWN_MARKER } = await import('../helpers/guest.ts');
+  const guest = buildGuest();
+  const { dir, cleanup } = tempDir('shieldlab-vmp-');
+  const pids: number[] = [];
+  t.after(() => {
+    for (const p of pids) if (alive(p)) process.kill(p, 'SIGKILL');
+    cleanup();
+  });
+  const pp = secretFile(dir, 'pp', 'host passphrase');
+  const A = ['--home', join(dir, 'a'), '--passphrase-file', pp];
+  await cliOk([...A, 'vault', 'init', '--no-keychain', '--kdf-memory-mib', '16']);
+  await cliOk([...A, 'guardian', 'create', 'Owner']);
+  await cliOk([...A, 'guardian', 'export', 'Owner', '--pfx', '--out-dir', join(dir, 'backup'), '--password-file', secretFile(dir, 'pfx', 'pfx password')]);
+  await cliOk([...A, 'host', 'register-key']);
+  const raw = Buffer.alloc(2 << 20);
+  raw.write('ACPI-MARKER', 0, 'ascii');
+  writeFileSync(join(dir, 'in.raw'), raw);
+  await cliOk([...A, 'disk', 'shield', join(dir, 'in.raw'), '--out', join(dir, 'p.vhdx'), '--owner', 'Owner', '--allow-mode', 'host-key']);
+  await cliOk([...A, 'vm', 'create', 'p', '--disk', join(dir, 'p.vhdx'), '--memory', '256', '--cpus', '1', '--level', 'encryption-supported', '--kernel', guest.kernel, '--initrd', guest.initrd, '--append', `console=ttyS0 quiet panic=-1 ${guestAppend('acpi')}`]);
+  const report = await listenForReport(join(dir, 'report.sock'));
+  t.after(() => report.close());
+  const run = await cliOk<Json>([...A, 'vm', 'start', 'p', '--detach', '--test-channel', report.socketPath]);
+  pids.push(run.pid, run.qemuPid);
+  const got = await report.report;
+  assert.equal(got.report?.marker, 'ACPI-MARKER', got.line);
+  assert.equal(got.report?.errors, '', got.line);
+  // The guest now waits for its power button.
+  const stopped = await cliOk<Json>([...A, 'vm', 'stop', 'p', '--timeout', '60']);
+  assert.equal(stopped.how, 'powerdown', 'the guest shut down on the ACPI power button, before any hard stop');
+  assert.equal(stopped.status, 'stopped');
+  await until('the supervisor to end', () => !alive(run.pid));
+  const cons = await cliOk<Json>([...A, 'vm', 'console', 'p']);
+  assert.match(cons.text, new RegExp(POWERDOWN_MARKER));
+  const vm = (await cliOk<Json>([...A, 'vm', 'status', 'p'])).vms[0];
+  assert.equal(vm.status, 'stopped');
+  assert.equal(vm.reason, 'stopped on request', 'the supervisor knew the stop was asked for');
+  const audit = (await cliOk<Json>([...A, 'vault', 'audit', '--limit', '100'])).entries as Json[];
+  assert.ok(audit.some((e) => e.action === 'vm.stop' && e.reason === 'requested (powerdown)'), 'the stop request is audited');
+});
