@@ -29,14 +29,19 @@
 // (2) Guest sequential throughput: the guest in `bench-seq` mode reads its whole disk, then writes
 // it (zeros), in 1 MiB O_DIRECT blocks, the write closed by an fsync, timed inside the guest
 // ($EPOCHREALTIME, µs), on: our shielded disk (through `vm start`), the raw file by hand, the LUKS
-// image by hand. The input is random data (every VHDX block allocated, like the LUKS and raw
+// image by hand, and the LUKS image served by qemu-nbd to the same QEMU (the architecture ours has:
+// the decryption in a server process, the disk over an NBD Unix socket — so the NBD hop's own cost
+// shows apart from the server's). The input is random data (every VHDX block allocated, like the LUKS and raw
 // images); every file sits in the host page cache. MiB/s per side; ratios ours/raw and ours/luks
 // of MiB/s (> 1: we are faster).
 // Runs rotate the side order; one untimed warm-up per side first; median of N, [runs] for the noise.
 // Everything lives in one temp folder, removed at the end (failure and Ctrl-C included), and every
 // process started here (and the QEMU and swtpm that `vm start` started) is killed on the way out.
 //
-//   node_modules/.bin/node bench/vm.bench.ts [--runs N] [--size-mib M] [--json]
+// `--unit-size N` adds a side: the same data shielded with N-byte data units (`disk shield
+// --unit-size`; the default is 4096), to show what larger units give sequential I/O.
+//
+//   node_modules/.bin/node bench/vm.bench.ts [--runs N] [--size-mib M] [--unit-size N] [--json]
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomBytes, randomFillSync } from 'node:crypto';
 import { closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
@@ -52,6 +57,12 @@ const MiB = 1024 * 1024;
 const { json, opt } = benchArgs();
 const RUNS = Number(opt('--runs', '3'));
 const SIZE_MIB = Number(opt('--size-mib', '256'));
+/** Also a shielded disk with this data unit (bytes; the format's default is 4096): larger units trade random-I/O cost for sequential speed. */
+const UNIT_SIZE = opt('--unit-size', '') === '' ? null : Number(opt('--unit-size', ''));
+if (UNIT_SIZE !== null && (!Number.isInteger(UNIT_SIZE) || UNIT_SIZE < 512)) {
+  process.stderr.write('usage: vm.bench.ts --unit-size N (a power of two, 512 to 1048576)\n');
+  process.exit(2);
+}
 if (!Number.isInteger(RUNS) || RUNS < 1 || !Number.isInteger(SIZE_MIB) || SIZE_MIB < 16) {
   process.stderr.write('usage: vm.bench.ts [--runs N] [--size-mib M (>= 16)] [--json]\n');
   process.exit(2);
@@ -90,7 +101,7 @@ const home = join(root, 'home');
 const passphrase = join(root, 'pp');
 const H = ['--home', home, '--passphrase-file', passphrase];
 const children = new Set<ChildProcess>();
-const VM_NAMES = ['boot', 'seq'];
+const VM_NAMES = ['boot', 'seq', 'seq-unit'];
 
 function track(child: ChildProcess): ChildProcess {
   children.add(child);
@@ -236,7 +247,7 @@ interface HandVm {
   name: string;
   dir: string;
   /** The drive: a raw file, or a LUKS image with its secret file. */
-  disk: { kind: 'raw'; file: string } | { kind: 'luks'; file: string; secretFile: string };
+  disk: { kind: 'raw'; file: string } | { kind: 'luks'; file: string; secretFile: string } | { kind: 'nbd-luks'; file: string; secretFile: string };
   append: string;
 }
 
@@ -247,7 +258,8 @@ function handArgs(h: HandVm, tpmCtrlSocket: string, testChannel: string): string
   const args = qemuArgs(vm, {
     level: 'encryption-supported',
     accel: ACCEL.accel,
-    nbdUri: h.disk.file, // a plain file where ours has the NBD socket: -drive file=<it>,format=raw,if=virtio,cache=writeback
+    // A plain file where ours has the NBD socket (-drive file=<it>,format=raw,if=virtio,cache=writeback), or qemu-nbd's socket.
+    nbdUri: h.disk.kind === 'nbd-luks' ? `nbd+unix:///?socket=${join(h.dir, 'nbd.sock')}` : h.disk.file,
     tpmCtrlSocket,
     qmpSocket: join(h.dir, 'qmp.sock'),
     firmware: { code: OVMF.code, vars, secureBoot: false },
@@ -271,6 +283,19 @@ async function runByHand(h: HandVm): Promise<RunResult> {
     const t0 = performance.now();
     tpm = await startGuestSwtpm(join(h.dir, 'tpm'));
     track(tpm.process);
+    if (h.disk.kind === 'nbd-luks') {
+      // The same architecture as ours with QEMU's own parts: qemu-nbd decrypts the LUKS image, QEMU's NBD client reads it.
+      const sock = join(h.dir, 'nbd.sock');
+      rmSync(sock, { force: true });
+      const nbd = track(
+        spawn('qemu-nbd', ['--object', `secret,id=sec0,file=${h.disk.secretFile}`, '--image-opts', `driver=luks,key-secret=sec0,file.filename=${h.disk.file.replace(/,/g, ',,')}`, '--socket', sock, '--cache=writeback', '--shared=1'], { stdio: 'ignore' }),
+      );
+      const deadline = performance.now() + 10_000;
+      while (!existsSync(sock)) {
+        if (nbd.exitCode !== null || performance.now() > deadline) throw new Error('qemu-nbd did not start');
+        await new Promise((r) => setTimeout(r, 10));
+      }
+    }
     const args = handArgs(h, tpm.ctrlSocket, listener.socketPath);
     const spawnedAt = performance.now();
     const child = track(spawn(QEMU_BINARY, args, { stdio: ['ignore', 'ignore', 'pipe'] }));
@@ -326,13 +351,14 @@ makeRaw(seqRaw, SIZE_MIB * MiB, 'SHIELDLAB-SEQ');
 const tShield = performance.now();
 cli(['disk', 'shield', bootRaw, '--out', join(root, 'boot.vhdx'), '--owner', 'Owner', '--allow-mode', 'host-key']);
 cli(['disk', 'shield', seqRaw, '--out', join(root, 'seq.vhdx'), '--owner', 'Owner', '--allow-mode', 'host-key']);
+if (UNIT_SIZE !== null) cli(['disk', 'shield', seqRaw, '--out', join(root, 'seq-unit.vhdx'), '--owner', 'Owner', '--allow-mode', 'host-key', '--unit-size', String(UNIT_SIZE)]);
 const shieldMs = performance.now() - tShield;
 const luksSecret = join(root, 'luks.secret');
 writeFileSync(luksSecret, 'bench luks passphrase', { mode: 0o600 });
 const seqLuks = join(root, 'seq.luks');
 makeLuks(seqRaw, seqLuks, luksSecret);
 const appendOf = (mode: GuestMode) => `${BASE_APPEND} ${guestAppend(mode)}`;
-for (const [name, mode] of [['boot', 'report'], ['seq', 'bench-seq']] as const) {
+for (const [name, mode] of [['boot', 'report'], ['seq', 'bench-seq'], ...(UNIT_SIZE !== null ? [['seq-unit', 'bench-seq'] as const] : [])] as const) {
   cli(['vm', 'create', name, '--disk', join(root, `${name}.vhdx`), '--memory', String(MEMORY_MIB), '--cpus', String(CPUS), '--level', 'encryption-supported', '--kernel', guest.kernel, '--initrd', guest.initrd, '--append', appendOf(mode)]);
 }
 const hand = (name: string, disk: HandVm['disk'], mode: GuestMode): HandVm => {
@@ -343,6 +369,7 @@ const hand = (name: string, disk: HandVm['disk'], mode: GuestMode): HandVm => {
 const handBoot = hand('boot', { kind: 'raw', file: bootRaw }, 'report');
 const handRaw = hand('seq-raw', { kind: 'raw', file: seqRaw }, 'bench-seq');
 const handLuks = hand('seq-luks', { kind: 'luks', file: seqLuks, secretFile: luksSecret }, 'bench-seq');
+const handNbdLuks = hand('seq-nbd-luks', { kind: 'nbd-luks', file: seqLuks, secretFile: luksSecret }, 'bench-seq');
 
 out(
   `VM bench: test guest (Linux ${guest.kernelVersion} + busybox initramfs), ${MEMORY_MIB} MiB, ${CPUS} vCPU, ${ACCEL.accel.toUpperCase()} (${ACCEL.reason}), ` +
@@ -392,11 +419,12 @@ out(`                      guest kernel uptime at its report: ours ${start.ours.
 
 // (2) guest sequential throughput.
 out(`\n(2) guest sequential throughput (bench-seq: ${SIZE_MIB} MiB read then written, 1 MiB O_DIRECT blocks, write + fsync; timed in the guest)\n`);
-type SeqSide = 'ours' | 'raw' | 'luks';
-const seqRun = (side: SeqSide) => (side === 'ours' ? runOurs('seq') : runByHand(side === 'raw' ? handRaw : handLuks));
-for (const side of ['ours', 'raw', 'luks'] as const) checkBench(await seqRun(side), `${side}, warm-up`);
-const seqRuns: Record<SeqSide, { readMiBps: number; writeMiBps: number; readMs: number; writeMs: number }[]> = { ours: [], raw: [], luks: [] };
-const sides: SeqSide[] = ['ours', 'raw', 'luks'];
+type SeqSide = 'ours' | 'oursUnit' | 'raw' | 'luks' | 'nbdLuks';
+const seqRun = (side: SeqSide) =>
+  side === 'ours' ? runOurs('seq') : side === 'oursUnit' ? runOurs('seq-unit') : runByHand(side === 'raw' ? handRaw : side === 'luks' ? handLuks : handNbdLuks);
+const sides: SeqSide[] = [...(['ours'] as const), ...(UNIT_SIZE !== null ? (['oursUnit'] as const) : []), 'raw', 'luks', 'nbdLuks'];
+for (const side of sides) checkBench(await seqRun(side), `${side}, warm-up`);
+const seqRuns: Record<SeqSide, { readMiBps: number; writeMiBps: number; readMs: number; writeMs: number }[]> = { ours: [], oursUnit: [], raw: [], luks: [], nbdLuks: [] };
 for (let i = 0; i < RUNS; i++) {
   for (let k = 0; k < sides.length; k++) {
     const side = sides[(i + k) % sides.length]!;
@@ -410,8 +438,10 @@ const seq = Object.fromEntries(
 const ratios = {
   oursOverRaw: { read: seq.ours.readMiBps / seq.raw.readMiBps, write: seq.ours.writeMiBps / seq.raw.writeMiBps },
   oursOverLuks: { read: seq.ours.readMiBps / seq.luks.readMiBps, write: seq.ours.writeMiBps / seq.luks.writeMiBps },
+  oursOverNbdLuks: { read: seq.ours.readMiBps / seq.nbdLuks.readMiBps, write: seq.ours.writeMiBps / seq.nbdLuks.writeMiBps },
+  ...(UNIT_SIZE !== null ? { oursUnitOverLuks: { read: seq.oursUnit.readMiBps / seq.luks.readMiBps, write: seq.oursUnit.writeMiBps / seq.luks.writeMiBps } } : {}),
 };
-const label: Record<SeqSide, string> = { ours: 'ours (shielded, vm start)', raw: 'by hand, raw file', luks: 'by hand, QEMU LUKS' };
+const label: Record<SeqSide, string> = { ours: 'ours (shielded, vm start)', oursUnit: `ours, ${UNIT_SIZE} B units`, raw: 'by hand, raw file', luks: 'by hand, QEMU LUKS', nbdLuks: 'by hand, qemu-nbd LUKS' };
 const mbList = (xs: number[]) => `[${xs.map((x) => x.toFixed(0)).join(', ')}]`;
 out(`  ${''.padEnd(28)}${'read MiB/s'.padStart(11)}  ${'runs'.padEnd(16)}${'write MiB/s'.padStart(12)}  runs\n`);
 for (const s of sides) {
@@ -421,6 +451,8 @@ for (const s of sides) {
 }
 out(`  ratio ours/raw  (MiB/s, > 1: we are faster): read ${ratios.oursOverRaw.read.toFixed(2)}, write ${ratios.oursOverRaw.write.toFixed(2)}\n`);
 out(`  ratio ours/luks (MiB/s, > 1: we are faster): read ${ratios.oursOverLuks.read.toFixed(2)}, write ${ratios.oursOverLuks.write.toFixed(2)}\n`);
+out(`  ratio ours/qemu-nbd luks (the same NBD architecture): read ${ratios.oursOverNbdLuks.read.toFixed(2)}, write ${ratios.oursOverNbdLuks.write.toFixed(2)}\n`);
+if (ratios.oursUnitOverLuks) out(`  ratio ours with ${UNIT_SIZE} B units/luks: read ${ratios.oursUnitOverLuks.read.toFixed(2)}, write ${ratios.oursUnitOverLuks.write.toFixed(2)}\n`);
 const load1 = loadavg();
 out(`\nload average at the end ${load1.map((x) => x.toFixed(2)).join(' ')}; whole bench ${((performance.now() - t00) / 1000).toFixed(0)} s\n`);
 

@@ -38,20 +38,25 @@ async function until(what: string, ok: () => boolean, ms = 15_000): Promise<void
   }
 }
 
-test('vm start --detach: one start at a time, the VM outlives the call, a killed supervisor is cleaned up, stop after the power-down timeout', { skip, timeout: 300_000 }, async (t) => {
-  const t0 = Date.now();
-  const { dir, cleanup } = tempDir('shieldlab-vmd-');
+/** A home whose owner guardian is backed up and whose host key is registered; QEMU/swtpm/supervisor pids pushed to `pids` are killed at the end. */
+async function ownerHome(t: { after(fn: () => void): void }, prefix: string): Promise<{ dir: string; A: string[]; pids: number[] }> {
+  const { dir, cleanup } = tempDir(prefix);
   const pids: number[] = [];
   t.after(() => {
     for (const p of pids) if (alive(p)) process.kill(p, 'SIGKILL');
     cleanup();
   });
-  const pp = secretFile(dir, 'pp', 'host passphrase');
-  const A = ['--home', join(dir, 'a'), '--passphrase-file', pp];
+  const A = ['--home', join(dir, 'a'), '--passphrase-file', secretFile(dir, 'pp', 'host passphrase')];
   await cliOk([...A, 'vault', 'init', '--no-keychain', '--kdf-memory-mib', '16']);
   await cliOk([...A, 'guardian', 'create', 'Owner']);
   await cliOk([...A, 'guardian', 'export', 'Owner', '--pfx', '--out-dir', join(dir, 'backup'), '--password-file', secretFile(dir, 'pfx', 'pfx password')]);
   await cliOk([...A, 'host', 'register-key']);
+  return { dir, A, pids };
+}
+
+test('vm start --detach: one start at a time, the VM outlives the call, a killed supervisor is cleaned up, stop after the power-down timeout', { skip, timeout: 300_000 }, async (t) => {
+  const t0 = Date.now();
+  const { dir, A, pids } = await ownerHome(t, 'shieldlab-vmd-');
   writeFileSync(join(dir, 'in.raw'), Buffer.alloc(2 << 20, 0x5a));
   const disk = join(dir, 'sh.vhdx');
   await cliOk([...A, 'disk', 'shield', join(dir, 'in.raw'), '--out', disk, '--owner', 'Owner', '--allow-mode', 'host-key']);
@@ -130,18 +135,7 @@ test('vm start --detach: one start at a time, the VM outlives the call, a killed
 
 test('in the app (web mode, Electron) a detached VM belongs to the app process: the call returns, vm.stop stops it there, shutdown powers the rest down', { skip, timeout: 300_000 }, async (t) => {
   const { ShieldLabApp } = await import('../../core/app/service.ts');
-  const { dir, cleanup } = tempDir('shieldlab-vma-');
-  const pids: number[] = [];
-  t.after(() => {
-    for (const p of pids) if (alive(p)) process.kill(p, 'SIGKILL');
-    cleanup();
-  });
-  const pp = secretFile(dir, 'pp', 'host passphrase');
-  const A = ['--home', join(dir, 'a'), '--passphrase-file', pp];
-  await cliOk([...A, 'vault', 'init', '--no-keychain', '--kdf-memory-mib', '16']);
-  await cliOk([...A, 'guardian', 'create', 'Owner']);
-  await cliOk([...A, 'guardian', 'export', 'Owner', '--pfx', '--out-dir', join(dir, 'backup'), '--password-file', secretFile(dir, 'pfx', 'pfx password')]);
-  await cliOk([...A, 'host', 'register-key']);
+  const { dir, A, pids } = await ownerHome(t, 'shieldlab-vma-');
   writeFileSync(join(dir, 'in.raw'), Buffer.alloc(2 << 20, 0x5a));
   for (const name of ['one', 'two']) {
     await cliOk([...A, 'disk', 'shield', join(dir, 'in.raw'), '--out', join(dir, `${name}.vhdx`), '--owner', 'Owner', '--allow-mode', 'host-key']);
@@ -187,18 +181,7 @@ test('in the app (web mode, Electron) a detached VM belongs to the app process: 
 test('vm stop from another process: the ACPI power button, and a guest that shuts down by itself (the test guest in acpi mode)', { skip, timeout: 300_000 }, async (t) => {
   const { buildGuest, guestAppend, listenForReport, POWERDOWN_MARKER } = await import('../helpers/guest.ts');
   const guest = buildGuest();
-  const { dir, cleanup } = tempDir('shieldlab-vmp-');
-  const pids: number[] = [];
-  t.after(() => {
-    for (const p of pids) if (alive(p)) process.kill(p, 'SIGKILL');
-    cleanup();
-  });
-  const pp = secretFile(dir, 'pp', 'host passphrase');
-  const A = ['--home', join(dir, 'a'), '--passphrase-file', pp];
-  await cliOk([...A, 'vault', 'init', '--no-keychain', '--kdf-memory-mib', '16']);
-  await cliOk([...A, 'guardian', 'create', 'Owner']);
-  await cliOk([...A, 'guardian', 'export', 'Owner', '--pfx', '--out-dir', join(dir, 'backup'), '--password-file', secretFile(dir, 'pfx', 'pfx password')]);
-  await cliOk([...A, 'host', 'register-key']);
+  const { dir, A, pids } = await ownerHome(t, 'shieldlab-vmp-');
   const raw = Buffer.alloc(2 << 20);
   raw.write('ACPI-MARKER', 0, 'ascii');
   writeFileSync(join(dir, 'in.raw'), raw);
