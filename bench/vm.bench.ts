@@ -29,9 +29,9 @@
 // (2) Guest sequential throughput: the guest in `bench-seq` mode reads its whole disk, then writes
 // it (zeros), in 1 MiB O_DIRECT blocks, the write closed by an fsync, timed inside the guest
 // ($EPOCHREALTIME, µs), on: our shielded disk (through `vm start`), the raw file by hand, the LUKS
-// image by hand, and the LUKS image served by qemu-nbd to the same QEMU (the architecture ours has:
-// the decryption in a server process, the disk over an NBD Unix socket — so the NBD hop's own cost
-// shows apart from the server's). The input is random data (every VHDX block allocated, like the LUKS and raw
+// image by hand, and the raw file and the LUKS image served by qemu-nbd to the same QEMU (the
+// architecture ours has: a server process, the disk over an NBD Unix socket — qemu-nbd on the raw
+// file is the hop's own cost with no encryption at all). The input is random data (every VHDX block allocated, like the LUKS and raw
 // images); every file sits in the host page cache. MiB/s per side; ratios ours/raw and ours/luks
 // of MiB/s (> 1: we are faster).
 // Runs rotate the side order; one untimed warm-up per side first; median of N, [runs] for the noise.
@@ -247,7 +247,7 @@ interface HandVm {
   name: string;
   dir: string;
   /** The drive: a raw file, or a LUKS image with its secret file. */
-  disk: { kind: 'raw'; file: string } | { kind: 'luks'; file: string; secretFile: string } | { kind: 'nbd-luks'; file: string; secretFile: string };
+  disk: { kind: 'raw'; file: string } | { kind: 'luks'; file: string; secretFile: string } | { kind: 'nbd-raw'; file: string } | { kind: 'nbd-luks'; file: string; secretFile: string };
   append: string;
 }
 
@@ -259,7 +259,7 @@ function handArgs(h: HandVm, tpmCtrlSocket: string, testChannel: string): string
     level: 'encryption-supported',
     accel: ACCEL.accel,
     // A plain file where ours has the NBD socket (-drive file=<it>,format=raw,if=virtio,cache=writeback), or qemu-nbd's socket.
-    nbdUri: h.disk.kind === 'nbd-luks' ? `nbd+unix:///?socket=${join(h.dir, 'nbd.sock')}` : h.disk.file,
+    nbdUri: h.disk.kind === 'nbd-luks' || h.disk.kind === 'nbd-raw' ? `nbd+unix:///?socket=${join(h.dir, 'nbd.sock')}` : h.disk.file,
     tpmCtrlSocket,
     qmpSocket: join(h.dir, 'qmp.sock'),
     firmware: { code: OVMF.code, vars, secureBoot: false },
@@ -283,13 +283,15 @@ async function runByHand(h: HandVm): Promise<RunResult> {
     const t0 = performance.now();
     tpm = await startGuestSwtpm(join(h.dir, 'tpm'));
     track(tpm.process);
-    if (h.disk.kind === 'nbd-luks') {
-      // The same architecture as ours with QEMU's own parts: qemu-nbd decrypts the LUKS image, QEMU's NBD client reads it.
+    if (h.disk.kind === 'nbd-luks' || h.disk.kind === 'nbd-raw') {
+      // The same architecture as ours with QEMU's own parts: qemu-nbd serves (and for LUKS decrypts) the image, QEMU's NBD client reads it.
       const sock = join(h.dir, 'nbd.sock');
       rmSync(sock, { force: true });
-      const nbd = track(
-        spawn('qemu-nbd', ['--object', `secret,id=sec0,file=${h.disk.secretFile}`, '--image-opts', `driver=luks,key-secret=sec0,file.filename=${h.disk.file.replace(/,/g, ',,')}`, '--socket', sock, '--cache=writeback', '--shared=1'], { stdio: 'ignore' }),
-      );
+      const image =
+        h.disk.kind === 'nbd-raw'
+          ? ['-f', 'raw', h.disk.file]
+          : ['--object', `secret,id=sec0,file=${h.disk.secretFile}`, '--image-opts', `driver=luks,key-secret=sec0,file.filename=${h.disk.file.replace(/,/g, ',,')}`];
+      const nbd = track(spawn('qemu-nbd', [...image, '--socket', sock, '--cache=writeback', '--shared=1'], { stdio: 'ignore' }));
       const deadline = performance.now() + 10_000;
       while (!existsSync(sock)) {
         if (nbd.exitCode !== null || performance.now() > deadline) throw new Error('qemu-nbd did not start');
@@ -369,6 +371,7 @@ const hand = (name: string, disk: HandVm['disk'], mode: GuestMode): HandVm => {
 const handBoot = hand('boot', { kind: 'raw', file: bootRaw }, 'report');
 const handRaw = hand('seq-raw', { kind: 'raw', file: seqRaw }, 'bench-seq');
 const handLuks = hand('seq-luks', { kind: 'luks', file: seqLuks, secretFile: luksSecret }, 'bench-seq');
+const handNbdRaw = hand('seq-nbd-raw', { kind: 'nbd-raw', file: seqRaw }, 'bench-seq');
 const handNbdLuks = hand('seq-nbd-luks', { kind: 'nbd-luks', file: seqLuks, secretFile: luksSecret }, 'bench-seq');
 
 out(
@@ -419,12 +422,12 @@ out(`                      guest kernel uptime at its report: ours ${start.ours.
 
 // (2) guest sequential throughput.
 out(`\n(2) guest sequential throughput (bench-seq: ${SIZE_MIB} MiB read then written, 1 MiB O_DIRECT blocks, write + fsync; timed in the guest)\n`);
-type SeqSide = 'ours' | 'oursUnit' | 'raw' | 'luks' | 'nbdLuks';
-const seqRun = (side: SeqSide) =>
-  side === 'ours' ? runOurs('seq') : side === 'oursUnit' ? runOurs('seq-unit') : runByHand(side === 'raw' ? handRaw : side === 'luks' ? handLuks : handNbdLuks);
-const sides: SeqSide[] = [...(['ours'] as const), ...(UNIT_SIZE !== null ? (['oursUnit'] as const) : []), 'raw', 'luks', 'nbdLuks'];
+type SeqSide = 'ours' | 'oursUnit' | 'raw' | 'luks' | 'nbdRaw' | 'nbdLuks';
+const HAND: Record<Exclude<SeqSide, 'ours' | 'oursUnit'>, HandVm> = { raw: handRaw, luks: handLuks, nbdRaw: handNbdRaw, nbdLuks: handNbdLuks };
+const seqRun = (side: SeqSide) => (side === 'ours' ? runOurs('seq') : side === 'oursUnit' ? runOurs('seq-unit') : runByHand(HAND[side]));
+const sides: SeqSide[] = [...(['ours'] as const), ...(UNIT_SIZE !== null ? (['oursUnit'] as const) : []), 'raw', 'luks', 'nbdRaw', 'nbdLuks'];
 for (const side of sides) checkBench(await seqRun(side), `${side}, warm-up`);
-const seqRuns: Record<SeqSide, { readMiBps: number; writeMiBps: number; readMs: number; writeMs: number }[]> = { ours: [], oursUnit: [], raw: [], luks: [], nbdLuks: [] };
+const seqRuns: Record<SeqSide, { readMiBps: number; writeMiBps: number; readMs: number; writeMs: number }[]> = { ours: [], oursUnit: [], raw: [], luks: [], nbdRaw: [], nbdLuks: [] };
 for (let i = 0; i < RUNS; i++) {
   for (let k = 0; k < sides.length; k++) {
     const side = sides[(i + k) % sides.length]!;
@@ -438,10 +441,11 @@ const seq = Object.fromEntries(
 const ratios = {
   oursOverRaw: { read: seq.ours.readMiBps / seq.raw.readMiBps, write: seq.ours.writeMiBps / seq.raw.writeMiBps },
   oursOverLuks: { read: seq.ours.readMiBps / seq.luks.readMiBps, write: seq.ours.writeMiBps / seq.luks.writeMiBps },
+  oursOverNbdRaw: { read: seq.ours.readMiBps / seq.nbdRaw.readMiBps, write: seq.ours.writeMiBps / seq.nbdRaw.writeMiBps },
   oursOverNbdLuks: { read: seq.ours.readMiBps / seq.nbdLuks.readMiBps, write: seq.ours.writeMiBps / seq.nbdLuks.writeMiBps },
   ...(UNIT_SIZE !== null ? { oursUnitOverLuks: { read: seq.oursUnit.readMiBps / seq.luks.readMiBps, write: seq.oursUnit.writeMiBps / seq.luks.writeMiBps } } : {}),
 };
-const label: Record<SeqSide, string> = { ours: 'ours (shielded, vm start)', oursUnit: `ours, ${UNIT_SIZE} B units`, raw: 'by hand, raw file', luks: 'by hand, QEMU LUKS', nbdLuks: 'by hand, qemu-nbd LUKS' };
+const label: Record<SeqSide, string> = { ours: 'ours (shielded, vm start)', oursUnit: `ours, ${UNIT_SIZE} B units`, raw: 'by hand, raw file', luks: 'by hand, QEMU LUKS', nbdRaw: 'by hand, qemu-nbd raw', nbdLuks: 'by hand, qemu-nbd LUKS' };
 const mbList = (xs: number[]) => `[${xs.map((x) => x.toFixed(0)).join(', ')}]`;
 out(`  ${''.padEnd(28)}${'read MiB/s'.padStart(11)}  ${'runs'.padEnd(16)}${'write MiB/s'.padStart(12)}  runs\n`);
 for (const s of sides) {
@@ -451,6 +455,7 @@ for (const s of sides) {
 }
 out(`  ratio ours/raw  (MiB/s, > 1: we are faster): read ${ratios.oursOverRaw.read.toFixed(2)}, write ${ratios.oursOverRaw.write.toFixed(2)}\n`);
 out(`  ratio ours/luks (MiB/s, > 1: we are faster): read ${ratios.oursOverLuks.read.toFixed(2)}, write ${ratios.oursOverLuks.write.toFixed(2)}\n`);
+out(`  ratio ours/qemu-nbd raw (the NBD hop alone, no encryption): read ${ratios.oursOverNbdRaw.read.toFixed(2)}, write ${ratios.oursOverNbdRaw.write.toFixed(2)}\n`);
 out(`  ratio ours/qemu-nbd luks (the same NBD architecture): read ${ratios.oursOverNbdLuks.read.toFixed(2)}, write ${ratios.oursOverNbdLuks.write.toFixed(2)}\n`);
 if (ratios.oursUnitOverLuks) out(`  ratio ours with ${UNIT_SIZE} B units/luks: read ${ratios.oursUnitOverLuks.read.toFixed(2)}, write ${ratios.oursUnitOverLuks.write.toFixed(2)}\n`);
 const load1 = loadavg();
