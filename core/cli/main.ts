@@ -244,6 +244,16 @@ function progressPrinter(globals: Globals) {
   };
 }
 
+/** `vm start --detach`: refuses a VM that runs, then hands the start to a supervisor process. */
+async function startVmDetached(app: ShieldLabApp, home: string, args: Record<string, unknown>, passphrase: string | undefined): Promise<Result<'vm.start'>> {
+  const parsed = contract['vm.start'].args.parse(args);
+  const status = async () => ((await app.invoke('vm.status', { name: parsed.name })) as Result<'vm.status'>).vms[0]!;
+  const vm = await status();
+  if (vm.status === 'starting' || vm.status === 'running' || vm.status === 'stopping') throw new ShieldError('vm_running', `VM ${vm.name} is running already (pid ${vm.pid}).`, { details: { pid: vm.pid } });
+  const { startDetached } = await import('./detach.ts');
+  return startDetached({ home, args: parsed, vm, passphrase, status });
+}
+
 export async function run(argv: string[]): Promise<number> {
   let globals: Globals = { home: '', json: argv.includes('--json'), help: false, passphraseStdin: false };
   let app: ShieldLabApp | null = null;
@@ -281,34 +291,25 @@ export async function run(argv: string[]): Promise<number> {
         : undefined);
       await app.invoke('vault.unlock', passphrase === undefined ? {} : { passphrase });
     }
+    let result: unknown;
     if (found.method === 'vm.start' && args.detach === true) {
       // The VM outlives this call: a supervisor process runs it (core/cli/detach.ts).
-      const parsed = contract['vm.start'].args.parse(args);
-      const { vms } = (await app.invoke('vm.status', { name: parsed.name })) as Result<'vm.status'>;
-      const vm = vms[0]!;
-      if (vm.status === 'starting' || vm.status === 'running' || vm.status === 'stopping') throw new ShieldError('vm_running', `VM ${vm.name} is running already (pid ${vm.pid}).`, { details: { pid: vm.pid } });
-      const { startDetached } = await import('./detach.ts');
-      const status = async () => ((await app!.invoke('vm.status', { name: parsed.name })) as Result<'vm.status'>).vms[0]!;
-      const result = await startDetached({ home, args: parsed, vm, passphrase, status });
-      passphrase = undefined;
-      if (globals.json) process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
-      else process.stdout.write(formatHuman(found.method, result));
-      return 0;
+      result = await startVmDetached(app, home, args, passphrase);
+    } else {
+      // Ctrl-C (or SIGTERM) cancels long work cleanly: the method removes what it half-made.
+      const cancel = new AbortController();
+      const onSignal = () => cancel.abort();
+      process.once('SIGINT', onSignal);
+      process.once('SIGTERM', onSignal);
+      try {
+        const notice = (text: string) => process.stderr.write(globals.json ? `${JSON.stringify({ notice: text })}\n` : `${text}\n`);
+        result = await app.invoke(found.method, args, { onProgress: progressPrinter(globals), signal: cancel.signal, notice });
+      } finally {
+        process.off('SIGINT', onSignal);
+        process.off('SIGTERM', onSignal);
+      }
     }
     passphrase = undefined;
-    // Ctrl-C (or SIGTERM) cancels long work cleanly: the method removes what it half-made.
-    const cancel = new AbortController();
-    const onSignal = () => cancel.abort();
-    process.once('SIGINT', onSignal);
-    process.once('SIGTERM', onSignal);
-    let result: unknown;
-    try {
-      const notice = (text: string) => process.stderr.write(globals.json ? `${JSON.stringify({ notice: text })}\n` : `${text}\n`);
-      result = await app.invoke(found.method, args, { onProgress: progressPrinter(globals), signal: cancel.signal, notice });
-    } finally {
-      process.off('SIGINT', onSignal);
-      process.off('SIGTERM', onSignal);
-    }
     if (globals.json) process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
     else process.stdout.write(formatHuman(found.method, result));
     return exitStatusFor(found.method, result);

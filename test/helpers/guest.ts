@@ -629,7 +629,6 @@ export async function bootGuest(opts: BootOptions): Promise<BootResult> {
   const timeoutMs = opts.timeoutMs ?? 90_000;
   mkdirSync(opts.workDir, { recursive: true });
   const reportSocket = join(opts.workDir, 'report.sock');
-  rmSync(reportSocket, { force: true });
   let varsCopy: string | null = null;
   if ((opts.firmware ?? 'direct-kernel') === 'ovmf') {
     varsCopy = join(opts.workDir, 'OVMF_VARS.fd');
@@ -638,29 +637,12 @@ export async function bootGuest(opts: BootOptions): Promise<BootResult> {
   let line: string | null = null;
   let reportAt: number | null = null;
   let onReportError: unknown = null;
-  const t0 = Date.now();
-  const sockets: Socket[] = [];
-  const server: Server = createServer((s) => {
-    sockets.push(s);
-    let buf = '';
-    s.on('data', (d: Buffer) => {
-      buf += d.toString('utf8');
-      const nl = buf.indexOf('\n');
-      if (nl >= 0 && line === null) {
-        line = buf.slice(0, nl).trim();
-        reportAt = Date.now();
-        s.write('ack\n');
-        if (opts.onReport) {
-          const got = line;
-          void (async () => opts.onReport!(got))().catch((err: unknown) => (onReportError = err));
-        }
-      }
-    });
-    s.on('error', () => undefined);
-  });
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(reportSocket, () => resolve());
+  const t0 = performance.now();
+  const listener = await listenForReport(reportSocket);
+  void listener.report.then((got) => {
+    line = got.line;
+    reportAt = got.at;
+    if (opts.onReport) void (async () => opts.onReport!(got.line))().catch((err: unknown) => (onReportError = err));
   });
   const args = qemuArgs(opts, reportSocket, varsCopy);
   const child = spawn(QEMU_SYSTEM, args, { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -687,10 +669,8 @@ export async function bootGuest(opts: BootOptions): Promise<BootResult> {
       resolve({ code, signal });
     });
   });
-  const exitMs = Date.now() - t0;
-  for (const s of sockets) s.destroy();
-  await new Promise<void>((r) => server.close(() => r()));
-  rmSync(reportSocket, { force: true });
+  const exitMs = performance.now() - t0;
+  await listener.close();
   let via: BootResult['via'] = line === null ? null : 'virtio-serial';
   if (line === null) {
     const i = consoleOut.lastIndexOf(CONSOLE_PREFIX);

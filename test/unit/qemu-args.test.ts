@@ -6,8 +6,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { forbiddenInShielded, qemuArgs, OVMF, type LaunchOptions, type VmShape } from '../../core/hypervisor/qemu.ts';
+import { firmwareFor, forbiddenInShielded, probeSmm, qemuArgs, OVMF, type LaunchOptions, type VmShape } from '../../core/hypervisor/qemu.ts';
 import { ShieldError } from '../../core/errors.ts';
+
+/** Skipped only where QEMU is truly absent and CI is not set (CI installs qemu-system-x86). */
+const QEMU_SKIP = spawnSync('sh', ['-c', 'command -v qemu-system-x86_64']).status !== 0 && process.env.CI !== 'true' ? 'needs qemu-system-x86_64 (Debian: qemu-system-x86)' : false;
 
 const vm: VmShape = { name: 'lab', memoryMiB: 512, cpus: 2 };
 const base: LaunchOptions = {
@@ -83,7 +86,7 @@ test('the checker catches every way in', () => {
   for (const [args, want] of cases) assert.deepEqual(forbiddenInShielded(args), [want], args.join(' '));
 });
 
-test('QEMU accepts the shielded command line (it starts, then quits over QMP)', { skip: spawnSync('sh', ['-c', 'command -v qemu-system-x86_64']).status !== 0 }, () => {
+test('QEMU accepts the shielded command line (it starts, then quits over QMP)', { skip: QEMU_SKIP }, () => {
   // Same argv, but with QMP on stdio (to quit at once) and no TPM/NBD backends to connect to.
   const args = qemuArgs(vm, { ...base, firmware: { ...base.firmware, vars: OVMF.secureBootVars } })
     .filter((_, i, a) => !['-chardev', '-tpmdev'].includes(a[i]!) && !['-chardev', '-tpmdev'].includes(a[i - 1]!))
@@ -93,4 +96,23 @@ test('QEMU accepts the shielded command line (it starts, then quits over QMP)', 
     .map((a) => (a.startsWith('if=pflash,format=raw,unit=1') ? a.replace('unit=1,', 'unit=1,readonly=on,') : a));
   const r = spawnSync('qemu-system-x86_64', args, { input: '{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n', timeout: 20_000, encoding: 'utf8' });
   assert.equal(r.status, 0, `${r.stderr}\n${args.join(' ')}`);
+});
+
+test('firmware: a shielded VM without SMM is refused with secure_boot_unavailable, never run without Secure Boot; encryption-supported needs no SMM', async () => {
+  const noSmm = { smm: false, detail: 'SMM is not supported by this KVM' };
+  assert.throws(
+    () => firmwareFor('shielded', noSmm, '/home/x/vms/lab/OVMF_VARS.fd'),
+    (e: unknown) => e instanceof ShieldError && e.code === 'secure_boot_unavailable' && e.details?.reason === 'secure_boot_unavailable' && /SMM is not supported by this KVM/.test(e.message),
+  );
+  const plain = firmwareFor('encryption-supported', noSmm, '/v.fd');
+  assert.equal(plain.secureBoot, false);
+  assert.equal(plain.code, OVMF.code);
+  assert.deepEqual(firmwareFor('shielded', { smm: true, detail: '' }, '/v.fd'), { code: OVMF.secureBootCode, vars: '/v.fd', secureBoot: true });
+});
+
+test('probeSmm asks the real QEMU: TCG gives q35 SMM; a QEMU that cannot start says why', { skip: QEMU_SKIP }, async () => {
+  assert.deepEqual(await probeSmm('tcg'), { smm: true, detail: 'SMM available under tcg' });
+  const none = await probeSmm('tcg', '/nonexistent/qemu-system-x86_64');
+  assert.equal(none.smm, false);
+  assert.match(none.detail, /did not start/);
 });
