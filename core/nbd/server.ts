@@ -951,6 +951,9 @@ class Connection {
     if (this.outQueue.length > 0) this.flushOut();
     if (this.socket.destroyed) return;
     this.socket.end();
+    // Read on (anything after the end is dropped by onData) so the client's own end is seen and the
+    // socket closes at once: input paused by DISC or backpressure would hold it until the grace below.
+    this.socket.resume();
     // A client that never closes its side (or never reads the last replies) is cut after a while.
     setTimeout(() => this.socket.destroy(), CLOSE_GRACE_MS).unref();
   }

@@ -135,6 +135,11 @@ export class RawNbdClient {
     this.socket.destroy();
   }
 
+  /** Half-closes: no more requests from us (FIN); replies can still come. */
+  end(): void {
+    this.socket.end();
+  }
+
   // ---- handshake ---------------------------------------------------------------------------------
 
   async greeting(): Promise<number> {

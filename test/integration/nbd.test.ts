@@ -677,6 +677,30 @@ test('limits: connections beyond maxConnections are refused; close() drains and 
   assert.ok(events.some((e) => e.event === 'closed'));
 });
 
+test('DISC behind a request in flight, then more bytes and the client’s end: the connection ends at once, not after the grace period', { skip, timeout: 20_000 }, async () => {
+  const d = new MapDisk(MiB);
+  d.states.fill('data');
+  const read = d.read.bind(d);
+  d.read = async (offset, length, into) => {
+    await new Promise((r) => setTimeout(r, 100));
+    return read(offset, length, into);
+  };
+  const { server, events } = await serve(d);
+  const c = await RawNbdClient.connect(server.socketPath);
+  await c.handshake();
+  c.request(NBD.CMD.READ, { offset: 0, length: 4096 });
+  c.request(NBD.CMD.DISC);
+  await new Promise((r) => setTimeout(r, 20));
+  c.send(Buffer.alloc(4096, 0x55)); // after DISC: dropped, and it must not hold the socket open
+  const t0 = Date.now();
+  c.end();
+  while (server.connections > 0 && Date.now() - t0 < 4000) await new Promise((r) => setTimeout(r, 10));
+  assert.equal(server.connections, 0);
+  assert.ok(Date.now() - t0 < 1000, `closed ${Date.now() - t0} ms after the client's end`);
+  assert.ok(events.some((e) => e.event === 'disconnect' && e.reason === 'client disconnected (DISC)'));
+  await server.close();
+});
+
 test('socketPath rules: private folder only, never replacing a file, stale sockets reused', { skip }, async () => {
   const d = new MapDisk(MiB);
   const open = join(dir, 'world-writable');
